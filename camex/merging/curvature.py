@@ -29,11 +29,19 @@ def nearest_factors(d: int) -> tuple[int, int]:
 
 
 def _mode(x: torch.Tensor, f: torch.Tensor, k: int) -> torch.Tensor:
-    """Multiply `f` `[n, d, d]` into mode `k` of `x` `[n, d_0, ..., d_{m-1}]`."""
+    """Multiply `f` `[n, d, d]` into mode `k` of `x` `[n, d_0, ..., d_{m-1}]`.
+
+    Outer modes are one batched matmul on a view; an inner mode is moved to the front first (one
+    transient copy of `x`), never broadcast, which would copy `f` once per row of `x`.
+    """
     n, dims = x.shape[0], x.shape[1:]
-    pre = math.prod(dims[:k])
-    out = f.unsqueeze(1) @ x.reshape(n, pre, dims[k], -1)
-    return out.view_as(x)
+    if k == 0:
+        return torch.bmm(f, x.reshape(n, dims[0], -1)).view_as(x)
+    if k == len(dims) - 1:
+        return torch.bmm(x.reshape(n, -1, dims[k]), f.transpose(1, 2)).view_as(x)
+    front = x.movedim(k + 1, 1)
+    out = torch.bmm(f, front.reshape(n, dims[k], -1)).view(front.shape)
+    return out.movedim(1, k + 1)
 
 
 def _mode_grad(grad: torch.Tensor, inp: torch.Tensor, k: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ Every mask is a constant: no gradient flows through the choice of entries.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -22,7 +24,7 @@ def _trim(taus: torch.Tensor, trim: float) -> torch.Tensor:
     if not 0.0 <= trim < 1.0:
         raise ValueError(f"ties trim fraction must lie in [0, 1), got {trim}")
     flat = taus.reshape(taus.shape[0], -1)
-    keep = flat.shape[1] - int(trim * flat.shape[1])
+    keep = flat.shape[1] - math.floor(trim * flat.shape[1] + 1e-9)  # 0.29 * 100 is 28.999...
     if keep == flat.shape[1]:
         return taus
     top = flat.abs().topk(keep, dim=1).indices
@@ -66,6 +68,11 @@ def ties_merge(taus: torch.Tensor, trim: float | None = 0.8) -> torch.Tensor:
     return kept.sum(dim=0) / count
 
 
+def _check_p(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"DARE drop rate must lie in [0, 1), got {p}")
+
+
 def dare_expert_mask(
     units: int, n: int, p: float, *, generator: torch.Generator | None = None, device=None, dtype=None
 ) -> torch.Tensor:
@@ -74,11 +81,13 @@ def dare_expert_mask(
     Returns `[units, n]`, to be multiplied into the routing scores; merging is linear in the
     scores, so this drops the expert's whole contribution for that unit.
     """
+    _check_p(p)
     keep = torch.rand(units, n, generator=generator, device=device) >= p
     return keep.to(dtype or torch.get_default_dtype()) / (1.0 - p)
 
 
 def dare_element_mask(like: torch.Tensor, p: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Reference DARE: element-wise keep with probability `1 − p`, rescaled by `1/(1 − p)`."""
+    _check_p(p)
     keep = torch.rand(like.shape, generator=generator, device=like.device) >= p
     return keep.to(like.dtype) / (1.0 - p)

@@ -57,27 +57,32 @@ def _as_token_mask(mask) -> torch.Tensor | None:
     return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
+def _fill_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    module.camex_context.token_mask = _as_token_mask(_bound(module, args, kwargs).get("attention_mask"))
+
+
+def _fill_mask_and_memory(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    context, bound = module.camex_context, _bound(module, args, kwargs)
+    context.token_mask = _as_token_mask(bound.get("attention_mask"))
+    memory = bound.get("encoder_hidden_states")
+    if memory is not None:
+        enc_mask = _as_token_mask(bound.get("encoder_attention_mask"))
+        context.memory = masked_mean(memory, None if module.camex_padding_mean == "include" else enc_mask, 1)
+
+
+def _clear(module: nn.Module, args: tuple, output) -> None:
+    module.camex_context.clear()
+
+
 def install_context_hooks(plan: Plan, *, padding_mean: str) -> None:
-    """Fill each routing context from its stack's forward arguments, and clear it after."""
+    """Fill each routing context from its stack's forward arguments, and clear it after.
 
-    def mask_hook(context: RoutingContext):
-        def before(module, args, kwargs):
-            context.token_mask = _as_token_mask(_bound(module, args, kwargs).get("attention_mask"))
-
-        return before
-
-    def memory_hook(context: RoutingContext):
-        def before(module, args, kwargs):
-            bound = _bound(module, args, kwargs)
-            context.token_mask = _as_token_mask(bound.get("attention_mask"))
-            memory = bound.get("encoder_hidden_states")
-            if memory is not None:
-                enc_mask = _as_token_mask(bound.get("encoder_attention_mask"))
-                context.memory = masked_mean(memory, None if padding_mean == "include" else enc_mask, 1)
-
-        return before
-
-    for hooks, make in ((plan.mask_hooks, mask_hook), (plan.memory_hooks, memory_hook)):
+    The context hangs on the stack module itself and the hooks are plain functions, so a deep
+    copy of the model gets its own contexts wired to its own routers.
+    """
+    for hooks, fill in ((plan.mask_hooks, _fill_mask), (plan.memory_hooks, _fill_mask_and_memory)):
         for module, context in hooks:
-            module.register_forward_pre_hook(make(context), with_kwargs=True)
-            module.register_forward_hook(lambda m, a, o, c=context: c.clear())
+            module.camex_context = context
+            module.camex_padding_mean = padding_mean
+            module.register_forward_pre_hook(fill, with_kwargs=True)
+            module.register_forward_hook(_clear)
