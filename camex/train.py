@@ -1,0 +1,276 @@
+"""One training run: validated config → task data → dense model → upcycle → Trainer → MLflow.
+
+Training uses the transformers Trainer (Seq2SeqTrainer for generative QA): AdamW with our
+parameter groups, the configured schedule, evaluation every epoch (or every N steps), the
+paper's best-epoch selection (`trainer.select_best`), safetensors checkpoints and `resume=true`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from camex import models, tasks, tracking
+from camex.config import ConfigError, RunSpec, validate
+from camex.optim import parameter_groups
+from camex.upcycle import upcycle
+
+CONTROL_KEYS = ("resume", "overwrite")  # how to run, not what is run: never logged as params
+
+
+class _CamexTrainerMixin:
+    """Adds the MoE auxiliary loss to the logs and builds AdamW from `camex.optim` groups."""
+
+    aux_owner: torch.nn.Module | None = None
+    _aux_sum = 0.0
+    _aux_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        aux = getattr(self.aux_owner, "camex_aux_loss", None)
+        if model.training and aux is not None:
+            self._aux_sum += float(aux.detach())
+            self._aux_count += 1
+        return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._aux_count:
+            logs["aux_loss"] = self._aux_sum / self._aux_count
+            logs["task_loss"] = logs["loss"] - logs["aux_loss"]
+            self._aux_sum, self._aux_count = 0.0, 0
+        super().log(logs, start_time)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            args = self.args
+            groups = parameter_groups(model or self.model, args.weight_decay)
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+            )
+        return self.optimizer
+
+
+def _trainer_classes(seq2seq: bool):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+
+    base, args = (Seq2SeqTrainer, Seq2SeqTrainingArguments) if seq2seq else (Trainer, TrainingArguments)
+    return type("CamexTrainer", (_CamexTrainerMixin, base), {}), args
+
+
+class _KillAtStep:
+    """Fault injection for tests: SIGKILL this process once training reaches step N.
+
+    Active only when the environment sets CAMEX_FAULT_KILL_AT_STEP; a kill -9 mid-run is what
+    `resume=true` must survive, and this makes the moment deterministic.
+    """
+
+    def __new__(cls, step: int):
+        import os
+        import signal
+
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return Callback()
+
+
+class _TrackerCallback:
+    """Forwards every Trainer log line to MLflow at the current optimizer step."""
+
+    def __new__(cls, tracker: tracking.Tracker):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if not logs:
+                    return
+                if "train_runtime" in logs:  # the end-of-training summary: a mean, not a step value
+                    logs = {f"summary_{k}" if not k.startswith("train_") else k: v for k, v in logs.items()}
+                    logs["train_loss_mean"] = logs.pop("train_loss", float("nan"))
+                else:
+                    logs = {("train_loss" if k == "loss" else k): v for k, v in logs.items()}
+                tracker.log_metrics(logs, step=state.global_step)
+
+        return Callback()
+
+
+def _best_metric_name(prepared: tasks.Prepared) -> str:
+    """Key the Trainer compares for best-epoch selection (`eval_` is added by the Trainer)."""
+    if isinstance(prepared.eval, dict) and not prepared.primary_metric.startswith(tuple(prepared.eval)):
+        return f"{next(iter(prepared.eval))}_{prepared.primary_metric}"
+    return prepared.primary_metric
+
+
+def _training_args(spec: RunSpec, prepared: tasks.Prepared, run_dir: Path, seed: int):
+    t = spec.trainer
+    _, args_cls = _trainer_classes(prepared.head == "seq2seq")
+    strategy = t["eval_every"]
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t["batch_size"],
+        per_device_eval_batch_size=t["eval_batch_size"],
+        num_train_epochs=t["epochs"],
+        max_steps=t["max_steps"],
+        learning_rate=t["learning_rate"],
+        lr_scheduler_type=t["lr_scheduler"],
+        warmup_steps=t["warmup_steps"],
+        weight_decay=t["weight_decay"],
+        adam_beta1=t["adam_beta1"],
+        adam_beta2=t["adam_beta2"],
+        adam_epsilon=t["adam_epsilon"],
+        gradient_accumulation_steps=t["grad_accum"],
+        max_grad_norm=t["max_grad_norm"],
+        logging_strategy="steps",
+        logging_steps=t["logging_steps"],
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=t.get("eval_steps"),
+        save_steps=t.get("eval_steps"),
+        save_total_limit=2,
+        load_best_model_at_end=bool(t["select_best"]),
+        metric_for_best_model=_best_metric_name(prepared),
+        greater_is_better=prepared.greater_is_better,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        disable_tqdm=not t["progress_bar"],
+        dataloader_num_workers=t["num_workers"],
+        bf16=t["precision"] == "bf16",
+        fp16=t["precision"] == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=prepared.extra.get("remove_unused_columns", True),
+    )
+    if prepared.head == "seq2seq":
+        kwargs.update(predict_with_generate=True, generation_max_length=prepared.generation.get("max_new_tokens"))
+    return args_cls(**kwargs)
+
+
+def _sample_limits(task_cfg: dict, trainer_cfg: dict) -> dict:
+    """The smaller of the task's and the trainer's sample caps (null = no cap)."""
+    out = dict(task_cfg)
+    for key in ("max_train_samples", "max_eval_samples"):
+        caps = [c for c in (task_cfg.get(key), trainer_cfg.get(key)) if c is not None]
+        out[key] = min(caps) if caps else None
+    return out
+
+
+def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str | None:
+    """The checkpoint to resume from; refuses to clobber an earlier run unless told to."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = run_dir / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    finished = (run_dir / "metrics.json").exists()
+    if resume:
+        if finished and not overwrite:
+            raise ConfigError(f"{run_dir} holds a finished run (metrics.json); pass overwrite=true to redo it")
+        return last
+    if last or finished or (run_dir / tracking.RUN_ID_FILE).exists():
+        if not overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds a run; pass resume=true to continue it or overwrite=true to replace it"
+            )
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        for name in ("metrics.json", tracking.RUN_ID_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+    return None
+
+
+def _final_metrics(trainer, prepared: tasks.Prepared) -> dict[str, float]:
+    results = trainer.evaluate()
+    return {f"final_{k.removeprefix('eval_')}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
+
+
+def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
+    """Run one training run from a resolved config (plain containers).
+
+    Returns `{"metrics": {final_*: value}, "primary": key of the objective, "greater_is_better",
+    "run_id"}`, also written to `<run_dir>/metrics.json`.
+    """
+    from transformers import set_seed
+
+    spec = validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = _claim_run_dir(run_dir, resume=bool(cfg.get("resume")), overwrite=bool(cfg.get("overwrite")))
+    seed = cfg["seed"]
+    set_seed(seed)
+
+    tokenizer = models.load_tokenizer(spec.model)
+    prepared = tasks.prepare(_sample_limits(spec.task, spec.trainer), tokenizer=tokenizer, model=spec.info, seed=seed)
+    model = models.build_model(spec.model, head=prepared.head, num_labels=prepared.num_labels, tokenizer=tokenizer)
+    target = model.model if isinstance(model, models.VisionClassifier) else model
+    upcycle(target, spec.variant, spec.options)
+
+    trainer_cls, _ = _trainer_classes(prepared.head == "seq2seq")
+    trainer = trainer_cls(
+        model=model,
+        args=_training_args(spec, prepared, run_dir, seed),
+        data_collator=prepared.collator,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+        compute_metrics=prepared.compute_metrics,
+        preprocess_logits_for_metrics=prepared.preprocess_logits,
+    )
+    trainer.aux_owner = target
+
+    params = {k: v for k, v in cfg.items() if k not in CONTROL_KEYS and k != "hydra"}
+    tags = {
+        "task": spec.task["name"],
+        "model": spec.model["name"],
+        "merge": spec.variant.name,
+        "seed": str(seed),
+        "experiment": str(cfg.get("experiment_name")),
+    }
+    run_name = f"{spec.task['name']}|{spec.model['name']}|{spec.variant.name}|seed{seed}"
+    started = time.time()
+    with tracking.start_run(
+        spec.tracking,
+        output_root=cfg["paths"]["output_root"],
+        run_dir=run_dir,
+        experiment=str(cfg.get("experiment_name")),
+        run_name=run_name,
+        params=params,
+        tags=tags,
+    ) as tracker:
+        trainer.add_callback(_TrackerCallback(tracker))
+        if os.environ.get("CAMEX_FAULT_KILL_AT_STEP"):
+            trainer.add_callback(_KillAtStep(int(os.environ["CAMEX_FAULT_KILL_AT_STEP"])))
+        tracker.log_dict(params, "config.json")
+        trainer.train(resume_from_checkpoint=resume_from)
+        final = _final_metrics(trainer, prepared)
+        trainer.save_model(str(run_dir / "final_model"))  # the selected (best) weights, safetensors
+        final["final_wall_seconds"] = time.time() - started
+        tracker.log_metrics(final, step=trainer.state.global_step)
+        payload = {
+            "metrics": final,
+            "primary": f"final_{_best_metric_name(prepared)}",
+            "greater_is_better": prepared.greater_is_better,
+            "run_id": tracker.run_id,
+        }
+        tracker.log_dict(payload, "metrics.json")
+        (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    _announce(run_dir, spec, cfg, payload)
+    return payload
+
+
+def _announce(run_dir: Path, spec: RunSpec, cfg: dict, payload: dict[str, Any]) -> None:
+    primary = payload["primary"]
+    print(f"\nfinished: {spec.task['name']} | {spec.model['name']} | {spec.variant.name} | seed {cfg['seed']}")
+    print(f"  {primary.removeprefix('final_')} = {payload['metrics'].get(primary)}")
+    print(f"  results:  {run_dir.resolve() / 'metrics.json'}")
+    if spec.tracking.get("enabled", True):
+        uri = spec.tracking.get("uri") or tracking.default_uri(cfg["paths"]["output_root"])
+        print(f"  MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    sys.stdout.flush()

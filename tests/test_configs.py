@@ -1,0 +1,86 @@
+"""Every config combination composes through Hydra's Compose API and validates (or is refused
+with a one-line reason when the task and model do not fit together)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from camex import list_variants
+from camex.config import ConfigError, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _options(group: str) -> list[str]:
+    root = CONF / group
+    names = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return [n for n in names if not Path(n).name.startswith("_")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hydra():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def _compose(overrides: list[str]) -> dict:
+    return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=False)
+
+
+def _resolved(overrides: list[str]) -> dict:
+    cfg = _compose(overrides)
+    cfg.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+
+
+def test_merge_presets_are_exactly_the_variants():
+    assert sorted(_options("merge")) == sorted(list_variants())
+
+
+def test_every_task_merge_model_combination(monkeypatch):
+    """Compose task × model × merge. A task and a model either fit (every merge must then compose
+    and validate) or not (validation must refuse the pair with a one-line reason)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # validate the configs, not hub reachability
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    tasks, merges, models = _options("task"), _options("merge"), _options("model")
+    composed, refused = 0, 0
+    for task in tasks:
+        fits = 0
+        for model in models:
+            try:
+                validate(_resolved([f"task={task}", f"model={model}"]))
+            except ConfigError as e:
+                assert "\n" not in str(e)
+                refused += len(merges)
+                continue
+            fits += 1
+            for merge in merges:
+                cfg = _resolved([f"task={task}", f"model={model}", f"merge={merge}"])
+                assert (cfg["task"]["name"], cfg["model"]["name"], cfg["merge"]["variant"]) == (task, model, merge)
+                validate(cfg)
+                composed += 1
+        assert fits >= 1, f"no model fits task {task}"
+    print(f"\ncomposed and validated {composed} task x model x merge combinations ({refused} refused as incompatible)")
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_preset_composes(experiment):
+    cfg = _compose([f"experiment={experiment}"])
+    assert cfg["experiment_name"] == experiment
+    assert cfg["merge"]["variant"] in list_variants()
+
+
+def test_task_presets_pick_the_papers_model_and_cli_wins():
+    assert _compose(["task=glue/sst2"])["model"]["name"] == "t5_base"
+    assert _compose(["task=lm/wikitext2"])["model"]["name"] == "gpt2"
+    assert _compose(["task=glue/sst2", "model=tiny_t5"])["model"]["name"] == "tiny_t5"
+    default = _compose([])
+    assert (default["task"]["name"], default["model"]["name"], default["merge"]["variant"]) == (
+        "offline/sentiment",
+        "minilm",
+        "camex_ties",
+    )
