@@ -8,7 +8,7 @@ from camex.merging.masks import (
     ties_mask,
     ties_merge,
 )
-from camex.merging.merge import domain_vectors, merge_flat
+from camex.merging.merge import domain_vectors, merge_flat, merged_linear
 
 __all__ = [
     "dare_element_mask",
@@ -16,6 +16,7 @@ __all__ = [
     "domain_vectors",
     "kronecker_apply",
     "merge_flat",
+    "merged_linear",
     "nearest_factors",
     "ties_elect_sign",
     "ties_mask",

@@ -6,7 +6,11 @@ one small square matrix into each mode. A bias `τ_b ∈ R^O` uses the two outpu
 
 The r terms are summed inside one autograd function that keeps only `τ` and the factors for the
 backward pass and recomputes each term's partial products there, so neither the forward nor
-the saved state ever holds r copies of `τ`.
+the saved state ever holds r copies of `τ`. Every mode product writes into a work buffer owned
+by the pass (`out=`) and sized for a block of experts, so a pass allocates one τ-sized tensor
+(its result) whatever r is, and no product copies `τ` to move a mode (see `_mode_into`). Cost
+per pass and term: `m` mode products forward; `3m − 1` mode products and `m` contractions
+backward (`m` = 4 for a weight).
 """
 
 from __future__ import annotations
@@ -28,43 +32,110 @@ def nearest_factors(d: int) -> tuple[int, int]:
     return f, d // f
 
 
-def _mode(x: torch.Tensor, f: torch.Tensor, k: int) -> torch.Tensor:
-    """Multiply `f` `[n, d, d]` into mode `k` of `x` `[n, d_0, ..., d_{m-1}]`.
+def _order(m: int) -> list[int]:
+    """Modes in the order the forward applies them: the last mode first, mode 0 last.
 
-    Outer modes are one batched matmul on a view; an inner mode is moved to the front first (one
-    transient copy of `x`), never broadcast, which would copy `f` once per row of `x`.
+    Both ends are outer modes, so the final forward product (mode 0) can accumulate the r terms
+    in place and the final backward product (the last mode, transposed) can accumulate `∂τ`.
+    """
+    return list(reversed(range(m)))
+
+
+def _mode_into(
+    x: torch.Tensor, f: torch.Tensor, k: int, out: torch.Tensor, *, alpha: float = 1.0, accumulate: bool = False
+) -> torch.Tensor:
+    """`out (+)= alpha · (f ×_k x)`: multiply `f` `[n, d, d]` into mode `k` of `x` `[n, d_0, ..., d_{m-1}]`.
+
+    `x` and `out` are contiguous and distinct. An outer mode is one `baddbmm` on views (the
+    accumulation and `alpha` ride on the GEMM); an inner mode is one GEMM per expert with the
+    expert's factor broadcast over the outer rows (batch stride 0), so no copy of `x` or `f` is made.
     """
     n, dims = x.shape[0], x.shape[1:]
+    d, beta = dims[k], 1.0 if accumulate else 0.0
     if k == 0:
-        return torch.bmm(f, x.reshape(n, dims[0], -1)).view_as(x)
+        o = out.view(n, d, -1)
+        torch.baddbmm(o, f, x.view(n, d, -1), beta=beta, alpha=alpha, out=o)
+        return out
     if k == len(dims) - 1:
-        return torch.bmm(x.reshape(n, -1, dims[k]), f.transpose(1, 2)).view_as(x)
-    front = x.movedim(k + 1, 1)
-    out = torch.bmm(f, front.reshape(n, dims[k], -1)).view(front.shape)
-    return out.movedim(1, k + 1)
-
-
-def _mode_grad(grad: torch.Tensor, inp: torch.Tensor, k: int) -> torch.Tensor:
-    """Gradient of the factor of `_mode(inp, f, k)` given the gradient of its output."""
-    n, dims = inp.shape[0], inp.shape[1:]
+        o = out.view(n, -1, d)
+        torch.baddbmm(o, x.view(n, -1, d), f.transpose(1, 2), beta=beta, alpha=alpha, out=o)
+        return out
+    if accumulate or alpha != 1.0:
+        raise ValueError("inner modes neither accumulate nor scale")
     pre = math.prod(dims[:k])
-    g = grad.reshape(n, pre, dims[k], -1)
-    x = inp.reshape(n, pre, dims[k], -1)
-    return torch.einsum("npjq,npkq->njk", g, x)
+    xv, ov = x.view(n, pre, d, -1), out.view(n, pre, d, -1)
+    for i in range(n):
+        torch.bmm(f[i].expand(pre, d, d), xv[i], out=ov[i])
+    return out
 
 
-def _term(x: torch.Tensor, factors: Sequence[torch.Tensor], rho: int) -> torch.Tensor:
-    for k in reversed(range(len(factors))):
-        x = _mode(x, factors[k][rho], k)
-    return x
+def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, *, alpha: float = 1.0) -> None:
+    """`out[i] = alpha · Σ g[i] h[i]` over every mode but `k`: the factor gradient of `f ×_k h`
+    given the gradient `g` of its output (`out` `[n, d, d]`, indexed `[output row, input row]`)."""
+    n, dims = g.shape[0], g.shape[1:]
+    d = dims[k]
+    if k == 0:
+        torch.baddbmm(out, g.view(n, d, -1), h.view(n, d, -1).transpose(1, 2), beta=0.0, alpha=alpha, out=out)
+    elif k == len(dims) - 1:
+        torch.baddbmm(out, g.view(n, -1, d).transpose(1, 2), h.view(n, -1, d), beta=0.0, alpha=alpha, out=out)
+    else:
+        pre = math.prod(dims[:k])
+        gv, hv = g.view(n, pre, d, -1), h.view(n, pre, d, -1)
+        partial = g.new_empty(pre, d, d)  # one expert's per-row products, reused across experts
+        for i in range(n):
+            torch.bmm(gv[i], hv[i].transpose(1, 2), out=partial)
+            torch.sum(partial, 0, out=out[i])
+        if alpha != 1.0:
+            out.mul_(alpha)
+
+
+# On CPU the work buffers hold a block of experts of at most this size: a block's buffers stay
+# in the last-level cache, and buffers under glibc's mmap threshold are recycled by the heap
+# instead of being mapped and page-faulted afresh on every call.
+CPU_BLOCK_BYTES = 12 * 2**20
+
+
+def expert_block(x: torch.Tensor) -> int:
+    """Experts per block: all of them off the CPU (the caching allocator recycles memory there)."""
+    n = x.shape[0]
+    if x.device.type != "cpu" or n == 0:
+        return max(n, 1)
+    return max(1, min(n, CPU_BLOCK_BYTES // max(x[0].numel() * x.element_size(), 1)))
+
+
+def _blocks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
 
 
 class _KroneckerSum(torch.autograd.Function):
+    """`scale · Σ_ρ f_ρ,0 ×_0 (... (f_ρ,m-1 ×_{m-1} x))` with hand-written, allocation-lean passes.
+
+    Experts are independent, so both passes walk blocks of experts (`expert_block`) through a
+    few block-sized work buffers; only the output (forward) and `∂τ` (backward) are τ-sized.
+    Forward, per term: a chain of mode products ping-pongs between two work buffers and the last
+    one accumulates into the output inside the GEMM. Backward, per term: recompute the partial
+    products `h_j` (m - 1 buffers), then walk the modes back, contracting the running gradient
+    with `h_j` for each factor gradient and overwriting the buffer of the partial just consumed
+    with the next running gradient: `3m - 1` mode products and `m` contractions per term.
+    """
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
-        out = _term(x, factors, 0)
-        for rho in range(1, factors[0].shape[0]):
-            out = out + _term(x, factors, rho)
+    def forward(ctx, x: torch.Tensor, scale: float, *factors: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        n, rank, order = x.shape[0], factors[0].shape[0], _order(len(factors))
+        chain = order[:-1]  # products before the final mode-0 one
+        size = expert_block(x)
+        work = [x.new_empty((size, *x.shape[1:])) for _ in range(min(len(chain), 2))]
+        out = torch.empty_like(x)
+        for e in _blocks(n, size):
+            xs, outs, ws = x[e], out[e], [w[: e.stop - e.start] for w in work]
+            for rho in range(rank):
+                h = xs
+                for j, k in enumerate(chain):
+                    h = _mode_into(h, factors[k][rho, e], k, ws[j % 2])
+                _mode_into(h, factors[0][rho, e], 0, outs, alpha=scale, accumulate=rho > 0)
+        ctx.scale = scale
         ctx.save_for_backward(x, *factors)
         return out
 
@@ -72,37 +143,52 @@ class _KroneckerSum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, *factors = ctx.saved_tensors
-        need_x, *need_f = ctx.needs_input_grad
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_f = [torch.zeros_like(f) if need else None for f, need in zip(factors, need_f)]
-        for rho in range(factors[0].shape[0]):
-            inputs = [x] * len(factors)  # inputs[k] is what the mode-k product received
-            h = x
-            for k in reversed(range(1, len(factors))):
-                h = _mode(h, factors[k][rho], k)
-                inputs[k - 1] = h
-            g = grad
-            for k, f in enumerate(factors):
-                if grad_f[k] is not None:
-                    grad_f[k][rho] = _mode_grad(g, inputs[k], k)
-                if k + 1 < len(factors) or need_x:
-                    g = _mode(g, f[rho].transpose(-1, -2), k)
-            if need_x:
-                grad_x += g
-        return (grad_x, *grad_f)
+        need_x, _, *need_f = ctx.needs_input_grad
+        n, m, rank, scale = x.shape[0], len(factors), factors[0].shape[0], ctx.scale
+        order = _order(m)  # step j applied mode order[j] to inputs[j]
+        grad_f = [torch.empty_like(f) if need else None for f, need in zip(factors, need_f)]
+        steps = [j for j in range(m) if need_f[order[j]]]
+        if not steps and not need_x:
+            return (None, None, *grad_f)
+        lowest = 0 if need_x else min(steps)  # the gradient must flow back down to this step
+        top = max(steps, default=0)  # the highest step whose input partial is needed
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x) if need_x else None
+        size = expert_block(x)
+        work = [x.new_empty((size, *x.shape[1:])) for _ in range(m - 1)]
+        for e in _blocks(n, size):
+            ws = [w[: e.stop - e.start] for w in work]
+            for rho in range(rank):
+                inputs = [x[e]]  # inputs[j] is what step j received; inputs[j] lives in ws[j - 1]
+                for j in range(top):
+                    inputs.append(_mode_into(inputs[j], factors[order[j]][rho, e], order[j], ws[j]))
+                g, alpha = grad[e], scale
+                for j in reversed(range(lowest, m)):
+                    k = order[j]
+                    if grad_f[k] is not None:
+                        _contract_into(g, inputs[j], k, grad_f[k][rho, e], alpha=alpha)
+                    f_t = factors[k][rho, e].transpose(-1, -2)
+                    if j > lowest:  # inputs[j] is consumed: its buffer takes the next gradient
+                        g = _mode_into(g, f_t, k, ws[j - 1], alpha=alpha)
+                    elif need_x:  # j == 0: the last mode, outer, so the r terms accumulate in the GEMM
+                        _mode_into(g, f_t, k, grad_x[e], alpha=alpha, accumulate=rho > 0)
+                    alpha = 1.0
+        return (grad_x, None, *grad_f)
 
 
-def kronecker_apply(tau: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Apply `M_i` to each of `tau` `[n, O, I]` (or a bias `[n, O]`).
+def kronecker_apply(tau: torch.Tensor, factors: Sequence[torch.Tensor], *, scale: float = 1.0) -> torch.Tensor:
+    """Apply `scale · M_i` to each of `tau` `[n, O, I]` (or a bias `[n, O]`).
 
     `factors` holds one `[r, n, d_k, d_k]` tensor per mode: `(A, B, C, D)` for a weight with
-    `O = d_A·d_B`, `I = d_C·d_D`; `(A, B)` for a bias. Returns a tensor shaped like `tau`.
+    `O = d_A·d_B`, `I = d_C·d_D`; `(A, B)` for a bias. Returns a new tensor shaped like `tau`.
+    `scale` is applied inside the last GEMM of each pass, at no cost.
     """
     dims = [f.shape[-1] for f in factors]
     n = tau.shape[0]
     if math.prod(dims) != math.prod(tau.shape[1:]):
         raise ValueError(f"factor dims {dims} do not tile a tensor of shape {tuple(tau.shape[1:])}")
-    out = _KroneckerSum.apply(tau.reshape(n, *dims), *factors)
+    with torch.autocast(tau.device.type, enabled=False):  # parameter-only maths, in the parameters' dtype
+        out = _KroneckerSum.apply(tau.reshape(n, *dims), scale, *factors)
     return out.view_as(tau)
 
 

@@ -11,11 +11,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from camex.merging import domain_vectors, merge_flat
+from camex.merging import domain_vectors, merged_linear
 from camex.moe.cache import ParameterMemo, parameter_key
 from camex.moe.curvature import KroneckerCurvature
 from camex.moe.masking import NoMask
-from camex.moe.units import Routing, SharedRouting, UnitRouter, apply_per_unit
+from camex.moe.units import Routing, SharedRouting, UnitRouter, per_unit
 
 MaskOrder = Literal["mask_first", "curvature_first"]
 
@@ -60,6 +60,7 @@ class MergedExpertLinear(nn.Module):
         self.chain = None  # an ExpertChain that supplies the base expert, for EP-CAMEx
         self.chain_index = 0
         self._eval_cache = ParameterMemo()
+        self.eval_cache = True
 
     def extra_repr(self) -> str:
         return (
@@ -112,18 +113,12 @@ class MergedExpertLinear(nn.Module):
             link = self.chain.link(self.chain_index)
             base_w, base_b = link.base_weight, link.base_bias
             if type(self.mask) is NoMask:  # the chain already computed M_i(τ_i)
-                curved_w, curved_b = link.curved_weight, link.curved_bias
-            else:
-                curved_w = self.transform(domain_vectors(self.expert_weight, base_w))
-                curved_b = (
-                    None if base_b is None else self.transform(domain_vectors(self.expert_bias, base_b), bias=True)
-                )
+                return base_w, link.curved_weight, base_b, link.curved_bias
         else:
             base_w, base_b = self.base_weight, self.base_bias
-            curved_w = self.transform(domain_vectors(self.expert_weight, base_w))
-            curved_b = None if base_b is None else self.transform(domain_vectors(self.expert_bias, base_b), bias=True)
-        alpha = self.alpha
-        return base_w, alpha * curved_w, base_b, None if curved_b is None else alpha * curved_b
+        curved_w = self.transform(domain_vectors(self.expert_weight, base_w))
+        curved_b = None if base_b is None else self.transform(domain_vectors(self.expert_bias, base_b), bias=True)
+        return base_w, curved_w, base_b, curved_b
 
     def dependencies(self) -> list[torch.Tensor]:
         if self.chain is None:
@@ -131,10 +126,11 @@ class MergedExpertLinear(nn.Module):
         return self.chain.parameters_through(self.chain_index)
 
     def operands(self):
-        """`(E_m, α·γ̃, b_m, α·γ̃_b)`. Outside training with autograd off this depends on
-        parameters only, so it is cached until a parameter changes (test-time
-        reparameterisation): evaluation then costs what Euclidean merging costs."""
-        if not self.training and not torch.is_grad_enabled():
+        """`(E_m, γ̃, b_m, γ̃_b)`; the merge applies α inside its product. Outside training with
+        autograd off this depends on parameters only, so it is cached until a parameter changes
+        (test-time reparameterisation): evaluation then costs what Euclidean merging costs.
+        `eval_cache = False` turns the cache off (for benchmarks and debugging)."""
+        if self.eval_cache and not self.training and not torch.is_grad_enabled():
             return self._eval_cache.get(parameter_key(self.dependencies()), self._operands)
         self._eval_cache.clear()
         return self._operands()
@@ -146,6 +142,6 @@ class MergedExpertLinear(nn.Module):
         routing = take_routing(x, self.router, self.shared)
         scores = self.mask.scores(routing.scores, self.training)
         base_w, deltas_w, base_b, deltas_b = self.operands()
-        weight = merge_flat(base_w, deltas_w, scores)
-        bias = None if base_b is None else merge_flat(base_b, deltas_b, scores)
-        return apply_per_unit(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), routing)
+        return per_unit(
+            x, routing, lambda seqs: merged_linear(seqs, base_w, deltas_w, scores, self.alpha, base_b, deltas_b)
+        )

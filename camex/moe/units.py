@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -143,18 +144,27 @@ class UnitRouter(nn.Module):
         return Routing(used.reshape(b * s, -1), "segment", t)
 
 
-def apply_per_unit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: Routing) -> torch.Tensor:
-    """`y = x Wᵤᵀ + bᵤ` with the unit's weight `weight[u]` `[units, O, I]` for its tokens."""
-    out_features = weight.shape[1]
+def per_unit(x: torch.Tensor, routing: Routing, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Group the tokens of `x` `[batch, ..., d]` by routed unit as `[units, T, d]`, apply `fn`
+    (a per-unit linear map to `[units, T, O]`) and return the result in the layout of `x`."""
     seqs = as_sequences(x)
     b, length, _ = seqs.shape
     if routing.unit == "segment":
         segs, s = pad_to_segments(seqs, routing.segment_len)
         seqs = segs.view(b * s, routing.segment_len, -1)
-    if bias is None:
-        y = torch.bmm(seqs, weight.transpose(1, 2))
-    else:
-        y = torch.baddbmm(bias.unsqueeze(1), seqs, weight.transpose(1, 2))
+    y = fn(seqs)
+    out_features = y.shape[-1]
     if routing.unit == "segment":
         y = y.view(b, -1, out_features)[:, :length]
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def apply_per_unit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing: Routing) -> torch.Tensor:
+    """`y = x Wᵤᵀ + bᵤ` with the unit's weight `weight[u]` `[units, O, I]` for its tokens."""
+
+    def linear(seqs: torch.Tensor) -> torch.Tensor:
+        if bias is None:
+            return torch.bmm(seqs, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), seqs, weight.transpose(1, 2))
+
+    return per_unit(x, routing, linear)

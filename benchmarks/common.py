@@ -1,0 +1,168 @@
+"""Shared harness: interleaved timing, peak-memory probes, environment record, JSON and Markdown.
+
+Timing. Every case of a run is set up first, then warmed up, then measured in interleaved rounds
+(case 1, case 2, ..., case 1, case 2, ...), so slow drifts of a shared machine hit every case
+alike; each figure is the median over rounds, and ratios are medians of the same rounds. On CUDA
+each call is bracketed by `torch.cuda.synchronize()`.
+
+Peak memory. On CUDA: `torch.cuda.max_memory_allocated()` during one call, minus what was
+allocated before it. On CPU PyTorch keeps no allocator statistics, so one extra (untimed) call
+runs under `torch.profiler` with `profile_memory=True`, which records every allocation and free
+made through PyTorch's CPU allocator (kernel-internal buffers included, not only tensors seen at
+the Python level); the peak is the maximum of the running sum of those events, i.e. the most
+memory the call held at once beyond what existed before it (parameters and inputs excluded, the
+parameter gradients it creates included).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop chatter out of the table
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Case:
+    """One measured configuration: `run()` does the work once (e.g. forward + backward)."""
+
+    name: str
+    run: Callable[[], object]
+    info: dict = field(default_factory=dict)
+    times_ms: list[float] = field(default_factory=list)
+    peak_mb: float | None = None
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cases(cases: list[Case], device: torch.device, *, warmup: int, repeats: int) -> None:
+    """Warm every case up, then time `repeats` interleaved rounds of all of them."""
+    for case in cases:
+        for _ in range(warmup):
+            case.run()
+    sync(device)
+    for _ in range(repeats):
+        for case in cases:
+            sync(device)
+            start = time.perf_counter()
+            case.run()
+            sync(device)
+            case.times_ms.append((time.perf_counter() - start) * 1e3)
+
+
+def peak_memory_mb(run: Callable[[], object], device: torch.device, attempts: int = 3) -> float:
+    """Most memory held at once during one `run()`, beyond what was allocated before it (MiB)."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    peak = 0.0
+    for _ in range(attempts):  # the profiler occasionally hands back no allocation events: try again
+        peak = _profiled_peak(run)
+        if peak > 0:
+            break
+    return peak
+
+
+def _profiled_peak(run: Callable[[], object]) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_index() == -1]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def measure_memory(cases: list[Case], device: torch.device) -> None:
+    for case in cases:
+        case.peak_mb = peak_memory_mb(case.run, device)
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    env["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return env
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pick_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    return device
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def round_ratio(case: Case, ref: Case | None) -> float | None:
+    """Median over rounds of `case / ref`, each round having timed both side by side."""
+    if ref is None or not case.times_ms:
+        return None
+    return statistics.median(a / b for a, b in zip(case.times_ms, ref.times_ms))

@@ -1,0 +1,93 @@
+"""Smoke runs of the benchmark entry points on toy shapes (no timing is asserted), and the
+released-code reference layer of the layer benchmark against the library's layer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import eval as eval_bench  # noqa: E402
+from benchmarks import layer as layer_bench  # noqa: E402
+from benchmarks import model as model_bench  # noqa: E402
+from camex import list_variants  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """The harness sets the thread count of the process; give it back afterwards."""
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and x > 0
+
+
+def test_layer_benchmark_smoke(tmp_path, one_thread):
+    out = tmp_path / "layer.json"
+    layer_bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--out", str(out), *one_thread])
+    data = json.loads(out.read_text())
+    assert set(data["shapes"]) == {"t5", "gpt2"}
+    for result in data["shapes"].values():
+        cases = result["cases"]
+        assert list(cases) == layer_bench.ALL_CASES
+        for name, row in cases.items():
+            assert _positive(row["median_ms"]), (name, row)
+            assert _positive(row["peak_mb"]), (name, row)
+            assert _positive(row["x_dense_time"]), (name, row)
+        for name in ("camex_r1", "camex_r8", "released_r1", "released_r8"):
+            assert _positive(cases[name]["x_released_time"]) and _positive(cases[name]["x_released_memory"])
+        assert {t["target"] for t in result["targets"]} >= {"camex_r1 time × released_r1", "euclid time × dense"}
+
+
+def test_eval_benchmark_smoke(tmp_path, one_thread):
+    out = tmp_path / "eval.json"
+    eval_bench.main(["--tiny", "--repeats", "1", "--shapes", "gpt2", "--out", str(out), *one_thread])
+    cases = json.loads(out.read_text())["shapes"]["gpt2"]["cases"]
+    assert list(cases) == list(eval_bench.CASES)
+    for name, row in cases.items():
+        assert _positive(row["median_ms"]) and _positive(row["peak_mb"]) and _positive(row["x_euclid_time"]), name
+
+
+def test_model_benchmark_smoke(tmp_path, one_thread):
+    out = tmp_path / "model.json"
+    args = ["--repeats", "1", "--warmup", "0", "--batch", "2", "--length", "16", "--experts", "2", "--out", str(out)]
+    model_bench.main([*args, *one_thread])
+    models = json.loads(out.read_text())["models"]
+    assert set(models) == {"t5", "gpt2"}
+    for result in models.values():
+        assert list(result["variants"]) == list_variants()
+        for name, row in result["variants"].items():
+            assert _positive(row["tokens_per_s"]) and _positive(row["counted_flops_per_token"]), name
+            assert row["parameters"]["total"] > 0 and row["mfu"] is None  # no MFU on CPU without a peak
+
+
+@pytest.mark.parametrize("shape", ["t5", "gpt2"])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_released_reference_computes_the_same_layer(shape, rank):
+    """The benchmark's released-code formulation is the same maths as `MergedExpertLinear`."""
+    torch.manual_seed(0)
+    spec = layer_bench.TINY[shape]
+    ours = layer_bench.build_merged(spec, "none", rank).double()
+    ref = layer_bench.ReleasedMergedLinear(layer_bench.build_merged(spec, "none", rank).double())
+    ref.layer.load_state_dict(ours.state_dict())
+    for m in (ours, ref):
+        m.eval()  # noiseless routing: both see the same scores
+    x = torch.randn(spec.batch, spec.length, spec.in_features, dtype=torch.float64)
+    y_ours, y_ref = ours(x), ref(x)
+    torch.testing.assert_close(y_ours, y_ref, rtol=0, atol=1e-10)
+    upstream = torch.randn_like(y_ours)
+    g_ours = torch.autograd.grad(y_ours, list(ours.parameters()), upstream, allow_unused=True)
+    g_ref = torch.autograd.grad(y_ref, list(ref.layer.parameters()), upstream, allow_unused=True)
+    for a, b in zip(g_ours, g_ref):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
