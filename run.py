@@ -6,22 +6,35 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from camex.config import ConfigError
+    from camex import exits
+    from camex.exits import classify
     from camex.train import train
 
-    container = OmegaConf.to_container(cfg, resolve=True)
+    exits.job_started = True
     try:
-        result = train(container, run_dir=Path(cfg.paths.run_dir))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        container = OmegaConf.to_container(cfg, resolve=True)
+        result = train(container, run_dir=Path(str(cfg.paths.run_dir)))
+    except Exception as e:  # a known failure (camex/exits.py) is one line and an exit status; a bug raises
+        known = classify(e)
+        if known is None:
+            raise
+        print(f"error: {known[1]}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # one trial of a sweep: the sweeper records it as failed and goes on
+        sys.exit(known[0])
     return result["metrics"].get(result["primary"])  # the objective a sweeper reads
 
 
 if __name__ == "__main__":
-    main()
+    from camex.distributed import worker_hydra_overrides
+    from camex.exits import run_cli
+
+    sys.argv += worker_hydra_overrides(sys.argv[1:])  # under torchrun, only rank 0 writes Hydra's files
+    run_cli(main)  # bad overrides and Ctrl-C end with one line and an exit status, not a traceback

@@ -6,6 +6,8 @@ prints it and exits with status 2.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,7 @@ from camex.variants import MergeVariant, MoEOptions, get_variant, option_names
 PRECISIONS = ("fp32", "bf16", "fp16")
 EVAL_EVERY = ("epoch", "steps")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+TRACKING_FALLBACKS = (None, "sqlite")
 TRACKING_SCHEMES = ("sqlite:", "http://", "https://", "file:", "postgresql", "mysql", "databricks")
 
 
@@ -33,9 +36,36 @@ class RunSpec:
     info: tasks.ModelInfo
 
 
+def _check_option_types(options: dict[str, Any]) -> None:
+    """The type of each merge option, from MoEOptions' annotations; ranges and choices are
+    checked by MoEOptions itself. Without this a string alpha would fail mid-training."""
+    for f in dataclasses.fields(MoEOptions):
+        if f.name not in options:
+            continue
+        value, kind = options[f.name], str(f.type)
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("tuple"):
+            ok = isinstance(value, (list, tuple)) and all(_is_integer(i) and i >= 0 for i in value)
+            allowed = "a list of block indices >= 0"
+        elif kind.startswith("int"):
+            ok, allowed = _is_integer(value), "an integer"
+        elif kind.startswith("float"):
+            ok, allowed = _is_number(value), "a finite number"
+        elif kind.startswith("bool"):
+            ok, allowed = isinstance(value, bool), "true or false"
+        else:
+            ok, allowed = isinstance(value, str), "a name"
+        if not ok:
+            allowed += " or null" if "None" in kind else ""
+            raise ConfigError(f"merge.{f.name}={value!r} is invalid; allowed: {allowed}")
+
+
 def merge_options(merge_cfg: dict[str, Any]) -> tuple[MergeVariant, MoEOptions]:
     if "variant" not in merge_cfg:
         raise ConfigError("merge.variant is missing; pick a preset, e.g. merge=camex_ties")
+    if not isinstance(merge_cfg["variant"], str):
+        raise ConfigError(f"merge.variant={merge_cfg['variant']!r} is invalid; allowed: a name, e.g. camex_ties")
     try:
         variant = get_variant(merge_cfg["variant"])
     except KeyError as e:
@@ -44,6 +74,7 @@ def merge_options(merge_cfg: dict[str, Any]) -> tuple[MergeVariant, MoEOptions]:
     unknown = sorted(set(fields) - set(option_names()))
     if unknown:
         raise ConfigError(f"merge.{unknown[0]} is not an option; allowed: {option_names()}")
+    _check_option_types(fields)
     if fields.get("layers") is not None:
         fields["layers"] = tuple(fields["layers"])
     try:
@@ -52,28 +83,68 @@ def merge_options(merge_cfg: dict[str, Any]) -> tuple[MergeVariant, MoEOptions]:
         raise ConfigError(str(e)) from None
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float; booleans are not numbers here (YAML `true` would pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_trainer(t: dict[str, Any]) -> None:
     def need(key: str, ok: bool, allowed: str) -> None:
         if not ok:
             raise ConfigError(f"trainer.{key}={t.get(key)!r} is invalid; allowed: {allowed}")
 
-    need("learning_rate", isinstance(t.get("learning_rate"), (int, float)) and t["learning_rate"] > 0, "a number > 0")
+    need("learning_rate", _is_number(t.get("learning_rate")) and t["learning_rate"] > 0, "a number > 0")
     for key in ("batch_size", "eval_batch_size", "grad_accum", "logging_steps"):
-        need(key, isinstance(t.get(key), int) and t[key] >= 1, "an integer >= 1")
-    need("epochs", isinstance(t.get("epochs"), (int, float)) and t["epochs"] > 0, "a number > 0")
+        need(key, _is_integer(t.get(key)) and t[key] >= 1, "an integer >= 1")
+    need("epochs", _is_number(t.get("epochs")) and t["epochs"] > 0, "a number > 0")
+    need("max_steps", _is_integer(t.get("max_steps")) and (t["max_steps"] == -1 or t["max_steps"] >= 1),
+         "-1 (use trainer.epochs) or an integer >= 1")  # fmt: skip
+    for key in ("warmup_steps", "num_workers"):
+        need(key, _is_integer(t.get(key)) and t[key] >= 0, "an integer >= 0")
+    for key in ("weight_decay", "max_grad_norm"):
+        need(key, _is_number(t.get(key)) and t[key] >= 0, "a number >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        need(key, _is_number(t.get(key)) and 0 <= t[key] < 1, "a number in [0, 1)")
+    need("adam_epsilon", _is_number(t.get("adam_epsilon")) and t["adam_epsilon"] > 0, "a number > 0")
+    for key in ("select_best", "progress_bar"):
+        need(key, isinstance(t.get(key), bool), "true or false")
     need("precision", t.get("precision") in PRECISIONS, str(list(PRECISIONS)))
     need("eval_every", t.get("eval_every") in EVAL_EVERY, str(list(EVAL_EVERY)))
     need("lr_scheduler", t.get("lr_scheduler") in SCHEDULERS, str(list(SCHEDULERS)))
     if t.get("eval_every") == "steps":
         need("eval_steps", isinstance(t.get("eval_steps"), int) and t["eval_steps"] >= 1, "an integer >= 1")
     for key in ("max_train_samples", "max_eval_samples"):
-        need(key, t.get(key) is None or (isinstance(t[key], int) and t[key] >= 1), "null or an integer >= 1")
+        need(key, t.get(key) is None or (_is_integer(t[key]) and t[key] >= 1), "null or an integer >= 1")
 
 
 def _check_tracking(t: dict[str, Any]) -> None:
     uri = t.get("uri")
-    if uri is not None and not str(uri).startswith(TRACKING_SCHEMES):
+    if uri is not None and not (isinstance(uri, str) and uri.startswith(TRACKING_SCHEMES)):
         raise ConfigError(f"tracking.uri={uri!r} is not a tracking URI; allowed schemes: {list(TRACKING_SCHEMES)}")
+    if not isinstance(t.get("enabled", True), bool):
+        raise ConfigError(f"tracking.enabled={t['enabled']!r} is invalid; allowed: true, false")
+    if t.get("fallback") not in TRACKING_FALLBACKS:
+        raise ConfigError(f"tracking.fallback={t['fallback']!r} is invalid; allowed: null (fail), sqlite")
+    location = t.get("artifact_location")
+    if location is not None and not isinstance(location, str):
+        raise ConfigError(f"tracking.artifact_location={location!r} is invalid; allowed: null or a path or URI")
+
+
+def _check_run_keys(cfg: dict[str, Any]) -> None:
+    """Top-level keys that name the run and where it lives (they become paths and MLflow names)."""
+    for key in ("resume", "overwrite"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f"{key}={cfg[key]!r} is invalid; allowed: true, false")
+    name = cfg.get("experiment_name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"experiment_name={name!r} is invalid; allowed: a non-empty name")
+    paths = cfg.get("paths")
+    if not isinstance(paths, dict) or not all(isinstance(paths.get(k), str) for k in ("output_root", "run_dir")):
+        raise ConfigError(f"paths={paths!r} is invalid; allowed: paths.output_root and paths.run_dir as folder paths")
 
 
 def validate(cfg: dict[str, Any]) -> RunSpec:
@@ -81,7 +152,8 @@ def validate(cfg: dict[str, Any]) -> RunSpec:
     for group in ("task", "model", "merge", "trainer", "tracking"):
         if not isinstance(cfg.get(group), dict):
             raise ConfigError(f"{group} is missing: choose one, e.g. {group}=<name>")
-    if not isinstance(cfg.get("seed"), int):
+    _check_run_keys(cfg)
+    if not _is_integer(cfg.get("seed")):
         raise ConfigError(f"seed={cfg.get('seed')!r} is invalid; allowed: an integer")
     variant, options = merge_options(cfg["merge"])
     if cfg["model"].get("family") not in models.FAMILIES:

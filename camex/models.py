@@ -62,8 +62,28 @@ def _check_source(ref: str | None, key: str) -> None:
     )
 
 
+def trust_remote_code(model_cfg: dict[str, Any]) -> bool:
+    """Whether a hub model may run its own Python code: only when the user says so, never by default."""
+    return model_cfg.get("trust_remote_code") is True
+
+
 def check(model_cfg: dict[str, Any]) -> None:
     family = model_cfg.get("family")
+    if not isinstance(model_cfg.get("trust_remote_code", False), bool):
+        raise ModelError(f"model.trust_remote_code={model_cfg['trust_remote_code']!r} is invalid; allowed: true, false")
+    for key in ("name", "pretrained", "tokenizer", "architecture"):
+        value = model_cfg.get(key)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise ModelError(f"model.{key}={value!r} is invalid; allowed: null or a non-empty name or path")
+    for key, least in (("max_length", 0), ("image_size", 1)):  # max_length 0: no text input (vision)
+        value = model_cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ModelError(f"model.{key}={value!r} is invalid; allowed: null or an integer >= {least}")
+    config = model_cfg.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise ModelError(f"model.config={config!r} is invalid; allowed: a mapping of model config fields")
+    if "trust_remote_code" in (config or {}):
+        raise ModelError("model.config.trust_remote_code is not a model field; set model.trust_remote_code instead")
     if family not in FAMILIES:
         raise ModelError(f"model.family={family!r} is not one of {list(FAMILIES)}")
     if model_cfg.get("pretrained") is None and family == "timm" and not model_cfg.get("architecture"):
@@ -95,7 +115,7 @@ def load_tokenizer(model_cfg: dict[str, Any]):
     from transformers import AutoTokenizer
 
     source = resolve_source(model_cfg.get("tokenizer") or model_cfg.get("pretrained"), "model.tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code(model_cfg))
     if tokenizer.pad_token is None:  # GPT-2 has none; pad with end-of-text like the HF examples
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -177,7 +197,9 @@ def build_model(model_cfg: dict[str, Any], *, head: Head, num_labels: int, token
             setattr(config, key, value)
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     else:
-        model = cls.from_pretrained(pretrained, **head_kwargs, **overrides)
+        model = cls.from_pretrained(
+            pretrained, **head_kwargs, **overrides, trust_remote_code=trust_remote_code(model_cfg)
+        )
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # GPT-2 classification needs it
     return model

@@ -17,9 +17,12 @@ from typing import Any
 
 import torch
 
-from camex import models, tasks, tracking
+from camex import distributed, faults, models, tasks, tracking
+from camex.accounting import count_parameters
+from camex.checkpoints import AtomicCheckpoints, atomic_write_text, remove_partial
 from camex.config import ConfigError, RunSpec, validate
 from camex.optim import parameter_groups
+from camex.redact import redact_secrets
 from camex.upcycle import upcycle
 
 CONTROL_KEYS = ("resume", "overwrite")  # how to run, not what is run: never logged as params
@@ -51,7 +54,13 @@ class _CamexTrainerMixin:
         if self.optimizer is None:
             args = self.args
             groups = parameter_groups(model or self.model, args.weight_decay)
-            self.optimizer = torch.optim.AdamW(
+            adamw = torch.optim.AdamW
+            ds_config = getattr(args, "hf_deepspeed_config", None)
+            if ds_config is not None and ds_config.is_offload():
+                # ZeRO-Offload keeps the optimizer on the CPU; DeepSpeed refuses torch's AdamW there
+                # (slow), and its own CPU AdamW takes the same parameter groups.
+                from deepspeed.ops.adam import DeepSpeedCPUAdam as adamw
+            self.optimizer = adamw(
                 groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
             )
         return self.optimizer
@@ -61,28 +70,10 @@ def _trainer_classes(seq2seq: bool):
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
     base, args = (Seq2SeqTrainer, Seq2SeqTrainingArguments) if seq2seq else (Trainer, TrainingArguments)
-    return type("CamexTrainer", (_CamexTrainerMixin, base), {}), args
-
-
-class _KillAtStep:
-    """Fault injection for tests: SIGKILL this process once training reaches step N.
-
-    Active only when the environment sets CAMEX_FAULT_KILL_AT_STEP; a kill -9 mid-run is what
-    `resume=true` must survive, and this makes the moment deterministic.
-    """
-
-    def __new__(cls, step: int):
-        import os
-        import signal
-
-        from transformers import TrainerCallback
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step >= step:
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-        return Callback()
+    # atomic checkpoint folders, a NaN/inf loss stops the run, and (only when the environment asks)
+    # a kill in the middle of a checkpoint save
+    mixins = (_CamexTrainerMixin, faults.FiniteLossGuard, AtomicCheckpoints, faults.KillInSave)
+    return type("CamexTrainer", (*mixins, base), {}), args
 
 
 class _TrackerCallback:
@@ -151,6 +142,14 @@ def _training_args(spec: RunSpec, prepared: tasks.Prepared, run_dir: Path, seed:
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=prepared.extra.get("remove_unused_columns", True),
     )
+    if distributed.world_size() > 1:  # a torchrun launch: DDP through the Trainer
+        kwargs["ddp_backend"] = distributed.backend(t)
+        # Our losses are per-device means (classification heads ignore `num_items_in_batch`, and the
+        # MoE aux loss is added inside the model's loss), so the Trainer's x world_size rescale for
+        # token-averaging across devices would inflate them; DDP's gradient mean is the right one.
+        kwargs["average_tokens_across_devices"] = False
+    if t.get("deepspeed"):  # e.g. trainer=deepspeed_zero2 (the released runs: ZeRO-2, optimizer offload)
+        kwargs["deepspeed"] = t["deepspeed"]
     if prepared.head == "seq2seq":
         kwargs.update(predict_with_generate=True, generation_max_length=prepared.generation.get("max_new_tokens"))
     return args_cls(**kwargs)
@@ -170,6 +169,7 @@ def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str | Non
     from transformers.trainer_utils import get_last_checkpoint
 
     ckpt_dir = run_dir / "checkpoints"
+    remove_partial(ckpt_dir)  # half-written saves of a killed run: never loaded, so never kept
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     finished = (run_dir / "metrics.json").exists()
     if resume:
@@ -187,6 +187,49 @@ def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str | Non
     return None
 
 
+def _resource_metrics(model: torch.nn.Module) -> tuple[dict[str, float], dict[str, float]]:
+    """Parameter counts by layer type (deterministic: go into the final metrics) and the peak
+    memory of this process (GPU allocator peak, else peak RSS; logged to MLflow only)."""
+    import resource
+
+    params = {f"final_params_{k}": float(v) for k, v in count_parameters(model).items()}
+    if torch.cuda.is_available():
+        return params, {"peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return params, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+
+
+def _flops_per_token(trainer, model: torch.nn.Module) -> dict[str, float]:
+    """Forward FLOPs per input token of one training-mode pass over the first eval batch, counted
+    by torch's FlopCounterMode (matmuls: token linears, merging, curvature and routing alike).
+
+    Measured after training and evaluation, so the random numbers it draws (dropout, router noise)
+    change nothing the run reports; training mode so the curvature transform is counted, not
+    served from the eval cache. Tokens are the input positions the model processes (padding
+    included: it is computed too); for images, the patch tokens of the backbone's stem.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = next(iter(trainer.get_eval_dataloader()))
+    device = trainer.args.device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if "input_ids" in batch:
+        tokens = batch["input_ids"].numel()
+    else:  # timm backbones: patches per image x images
+        stem = getattr(getattr(model, "model", model), "patch_embed", None)
+        patches = getattr(stem, "num_patches", None)
+        if patches is None:
+            return {}
+        tokens = patches * len(next(v for v in batch.values() if torch.is_tensor(v)))
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(**batch)
+    finally:
+        model.train(was_training)
+    return {"final_flops_per_token": counter.get_total_flops() / tokens}
+
+
 def _final_metrics(trainer, prepared: tasks.Prepared) -> dict[str, float]:
     results = trainer.evaluate()
     return {f"final_{k.removeprefix('eval_')}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
@@ -199,10 +242,28 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
     "run_id"}`, also written to `<run_dir>/metrics.json`.
     """
     from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
 
     spec = validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = _claim_run_dir(run_dir, resume=bool(cfg.get("resume")), overwrite=bool(cfg.get("overwrite")))
+    # an unreachable tracking server fails here, in seconds, before any data or model is loaded
+    spec.tracking = tracking.resolve_store(spec.tracking, output_root=cfg["paths"]["output_root"])
+    problem = distributed.check_launch(spec.trainer)
+    if problem:
+        raise ConfigError(problem)
+    distributed.init(spec.trainer)
+    # Under torchrun only rank 0 claims (and may clear) the run directory; every rank then gets
+    # its outcome, so all resume from the same checkpoint or all stop with the same error.
+    claim: tuple[str | None, str | None] = (None, None)
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            last = _claim_run_dir(run_dir, resume=bool(cfg.get("resume")), overwrite=bool(cfg.get("overwrite")))
+            claim = (last, None)
+        except ConfigError as e:
+            claim = (None, str(e))
+    resume_from, refused = distributed.share_from_main(claim)
+    if refused:
+        raise ConfigError(refused)
     seed = cfg["seed"]
     set_seed(seed)
 
@@ -210,7 +271,10 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
     prepared = tasks.prepare(_sample_limits(spec.task, spec.trainer), tokenizer=tokenizer, model=spec.info, seed=seed)
     model = models.build_model(spec.model, head=prepared.head, num_labels=prepared.num_labels, tokenizer=tokenizer)
     target = model.model if isinstance(model, models.VisionClassifier) else model
-    upcycle(target, spec.variant, spec.options)
+    try:
+        upcycle(target, spec.variant, spec.options)
+    except ValueError as e:  # options checked against the loaded model, e.g. merge.layers beyond its depth
+        raise ConfigError(str(e)) from None
 
     trainer_cls, _ = _trainer_classes(prepared.head == "seq2seq")
     trainer = trainer_cls(
@@ -225,7 +289,7 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
     )
     trainer.aux_owner = target
 
-    params = {k: v for k, v in cfg.items() if k not in CONTROL_KEYS and k != "hydra"}
+    params = redact_secrets({k: v for k, v in cfg.items() if k not in CONTROL_KEYS and k != "hydra"})
     tags = {
         "task": spec.task["name"],
         "model": spec.model["name"],
@@ -235,7 +299,7 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
     }
     run_name = f"{spec.task['name']}|{spec.model['name']}|{spec.variant.name}|seed{seed}"
     started = time.time()
-    with tracking.start_run(
+    with faults.SignalGuard() as guard, tracking.start_run(
         spec.tracking,
         output_root=cfg["paths"]["output_root"],
         run_dir=run_dir,
@@ -245,14 +309,22 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
         tags=tags,
     ) as tracker:
         trainer.add_callback(_TrackerCallback(tracker))
-        if os.environ.get("CAMEX_FAULT_KILL_AT_STEP"):
-            trainer.add_callback(_KillAtStep(int(os.environ["CAMEX_FAULT_KILL_AT_STEP"])))
+        for callback in faults.injected_callbacks():  # fault injection for tests; none in normal use
+            trainer.add_callback(callback)
+        trainer.add_callback(faults.signal_callback(guard))  # SIGINT/SIGTERM: checkpoint, then stop
         tracker.log_dict(params, "config.json")
-        trainer.train(resume_from_checkpoint=resume_from)
+        with guard.deferred():
+            trainer.train(resume_from_checkpoint=resume_from)
+        if guard.received is not None:
+            saved = get_last_checkpoint(trainer.args.output_dir) if os.path.isdir(trainer.args.output_dir) else None
+            raise faults.RunInterrupted(guard.received, trainer.state.global_step, saved)
         final = _final_metrics(trainer, prepared)
         trainer.save_model(str(run_dir / "final_model"))  # the selected (best) weights, safetensors
         final["final_wall_seconds"] = time.time() - started
-        tracker.log_metrics(final, step=trainer.state.global_step)
+        params_count, peak_memory = _resource_metrics(model)
+        peak_memory.update(_flops_per_token(trainer, model))  # MLflow only: depends on the eval batch's padding
+        final.update(params_count)
+        tracker.log_metrics({**final, **peak_memory}, step=trainer.state.global_step)
         payload = {
             "metrics": final,
             "primary": f"final_{_best_metric_name(prepared)}",
@@ -260,8 +332,10 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
             "run_id": tracker.run_id,
         }
         tracker.log_dict(payload, "metrics.json")
-        (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
-    _announce(run_dir, spec, cfg, payload)
+        if distributed.is_main():
+            atomic_write_text(run_dir / "metrics.json", json.dumps(payload, indent=2))
+    if distributed.is_main():
+        _announce(run_dir, spec, cfg, payload)
     return payload
 
 

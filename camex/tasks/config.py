@@ -398,7 +398,7 @@ def validate(task_cfg: Mapping[str, Any], model: ModelInfo) -> dict[str, Any]:
     if not isinstance(task_cfg, Mapping):
         raise TaskError(f"task config must be a mapping, got {type(task_cfg).__name__}")
     family = task_cfg.get("family")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:  # a list would not even hash
         raise _fail("family", family, f"unknown task family; allowed: {', '.join(FAMILIES)}")
     fam = FAMILIES[family]
     cfg = {**COMMON_OPTIONAL, **fam.optional, **dict(task_cfg)}

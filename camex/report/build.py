@@ -1,0 +1,191 @@
+"""Turn a list of tracked runs into the report: tables, figures, Markdown and one HTML page.
+
+Layout of `out/`: `tables/<table>__<model>.{md,tex,csv}`, `figures/<name>.{png,svg,csv}`,
+`runs.csv` (every run used, with its final metrics), `report.md`, `report.html`.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from camex.report import figures
+from camex.report.aggregate import group_runs, summarise
+from camex.report.collect import Run
+from camex.report.html import render_page
+from camex.report.layout import EFFICIENCY, PAPER_TABLES, PAPER_TASKS, TWINS, TableSpec, other_tasks_table
+from camex.report.reference import Reference
+from camex.report.tables import Table, build_table, to_csv, to_latex, to_markdown
+
+History = Callable[[str, str], list[tuple[int, float]]]  # (run_id, metric key) -> [(step, value)]
+ABLATION_PARAMS = (("merge.alpha", "alpha"), ("merge.rank", "rank"))
+
+
+@dataclass
+class Report:
+    out: Path
+    tables: list[Table] = field(default_factory=list)
+    figures: dict[str, dict[str, Path]] = field(default_factory=dict)  # name -> {png, svg, csv}
+    sections: list[tuple[str, list[Table], list[tuple[str, Path]]]] = field(default_factory=list)
+
+    @property
+    def missing(self) -> int:
+        return sum(t.missing for t in self.tables if t.spec.name != EFFICIENCY.name)
+
+
+def _paper_tables(runs: list[Run], reference: Reference) -> list[Table]:
+    tables = []
+    for spec in PAPER_TABLES:
+        tasks = {c.task for c in spec.columns}
+        mine = [r for r in runs if r.task in tasks]
+        ref = reference.table(spec.reference) if spec.reference else None
+        for model in sorted({r.model for r in mine}) or ["no runs"]:
+            tables.append(build_table(spec, [r for r in mine if r.model == model], model, ref))
+    return tables
+
+
+def _other_tables(runs: list[Run]) -> list[Table]:
+    mine = [r for r in runs if r.task not in PAPER_TASKS]
+    return [
+        build_table(other_tasks_table(sorted({r.task for r in mine if r.model == model})),
+                    [r for r in mine if r.model == model], model)
+        for model in sorted({r.model for r in mine})
+    ]  # fmt: skip
+
+
+def _efficiency_tables(runs: list[Run]) -> list[Table]:
+    tables = []
+    for (task, model), group in sorted(group_runs(runs, lambda r: (r.task, r.model)).items()):
+        spec = TableSpec(EFFICIENCY.name, f"{EFFICIENCY.title}; task {task}", EFFICIENCY.columns, significance=False)
+        tables.append(build_table(spec, group, f"{model} on {task}"))
+    return tables
+
+
+def _glue_scale(task: str, reference: Reference) -> float:
+    ref = reference.table("glue")
+    return ref.scale if ref and task.startswith("glue/") else 1.0
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+
+
+def _ablations(runs: list[Run], reference: Reference, folder: Path) -> dict[str, dict[str, Path]]:
+    """Figures for every (task, model, merge) whose runs take >= 2 values of merge.alpha / merge.rank."""
+    out: dict[str, dict[str, Path]] = {}
+    for param, short in ABLATION_PARAMS:
+        by_model: dict[str, dict[str, dict[str, list]]] = {}
+        for (model, task, merge), group in sorted(group_runs(runs, lambda r: (r.model, r.task, r.merge)).items()):
+            values = group_runs([r for r in group if param in r.params], lambda r, p=param: float(r.params[p]))
+            if len(values) < 2:
+                continue
+            points = []
+            for x, seeds in sorted(values.items()):
+                stat = summarise(seeds, None)
+                if stat is not None:
+                    stat = stat.scaled(_glue_scale(task, reference))
+                    points.append((x, stat.mean, stat.std or 0.0, stat.n))
+            by_model.setdefault(model, {}).setdefault(task, {})[merge] = points
+        for model, series in by_model.items():
+            published: dict[str, dict[str, tuple[float, float]]] = {}
+            ref = reference.table("glue")
+            if ref and param == "merge.alpha" and "alpha" in ref.notes:
+                for task, merges in series.items():
+                    for merge in merges:
+                        if ref.value(merge, task) is not None:
+                            published.setdefault(task, {})[merge] = (float(ref.notes["alpha"]), ref.value(merge, task))
+            name = f"ablation_{short}__{model}"
+            ylabels = {t: "primary metric" + (" ×100" if _glue_scale(t, reference) != 1 else "") for t in series}
+            fig = figures.ablation_figure(f"{param} ablation, {model}", param, series, published, ylabels)
+            paths = figures.save(fig, folder, name)
+            rows = [{"task": t, "merge": m, param: x, "mean": mean, "std": std, "n": n}
+                    for t, merges in series.items() for m, pts in merges.items()
+                    for x, mean, std, n in pts]  # fmt: skip
+            rows += [{"task": t, "merge": m, param: x, "mean": "", "std": "", "n": "", "paper": y}
+                     for t, merges in published.items() for m, (x, y) in merges.items()]  # fmt: skip
+            paths["csv"] = folder / f"{name}.csv"
+            _write_csv(paths["csv"], rows, ["task", "merge", param, "mean", "std", "n", "paper"])
+            out[name] = paths
+    return out
+
+
+def _convergence(runs: list[Run], history: History, folder: Path) -> dict[str, dict[str, Path]]:
+    """Per (task, model): each CA variant against its Euclidean twin, loss and eval metric vs step."""
+    out: dict[str, dict[str, Path]] = {}
+    for (task, model), group in sorted(group_runs(runs, lambda r: (r.task, r.model)).items()):
+        merges = group_runs(group, lambda r: r.merge)
+        pairs = {(ca, twin): {} for ca, twin in TWINS.items() if ca in merges and twin in merges}
+        if not pairs:
+            continue
+        primary = group[0].primary_key() or "final_loss"
+        eval_key = "eval_" + primary.removeprefix("final_")
+        rows = []
+        for (ca, twin), panels in pairs.items():
+            for panel, key in (("train_loss", "train_loss"), ("eval", eval_key)):
+                panels[panel] = {m: figures.band([history(r.run_id, key) for r in merges[m]]) for m in (twin, ca)}
+                for merge, b in panels[panel].items():
+                    rows += [{"pair": f"{ca} vs {twin}", "panel": key, "merge": merge, "step": s, "mean": m,
+                              "std": sd, "n": n} for s, m, sd, n in zip(b.steps, b.mean, b.std, b.n)]  # fmt: skip
+        name = f"convergence__{task}__{model}".replace("/", "_")
+        fig = figures.convergence_figure(f"{task}, {model}", pairs, eval_key.removeprefix("eval_"))
+        paths = figures.save(fig, folder, name)
+        paths["csv"] = folder / f"{name}.csv"
+        _write_csv(paths["csv"], rows, ["pair", "panel", "merge", "step", "mean", "std", "n"])
+        out[name] = paths
+    return out
+
+
+def _runs_csv(runs: list[Run], path: Path) -> None:
+    keys = sorted({k for r in runs for k in r.metrics if k.startswith("final_")})
+    rows = [{"run_id": r.run_id, "experiment": r.experiment, "task": r.task, "model": r.model, "merge": r.merge,
+             "seed": r.seed, **{k: r.metrics.get(k, "") for k in keys}} for r in runs]  # fmt: skip
+    _write_csv(path, rows, ["run_id", "experiment", "task", "model", "merge", "seed", *keys])
+
+
+def build_report(runs: list[Run], reference: Reference, out: Path, history: History, selection: list[str]) -> Report:
+    """Write every table and figure for `runs` under `out` and return what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    tables_dir, figures_dir = out / "tables", out / "figures"
+    tables_dir.mkdir(exist_ok=True)
+    report = Report(out)
+    paper, other, efficiency = _paper_tables(runs, reference), _other_tables(runs), _efficiency_tables(runs)
+    report.tables = paper + other + efficiency
+    for table in report.tables:
+        for ext, render in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
+            (tables_dir / f"{table.key}.{ext}").write_text(render(table))
+    ablation = _ablations(runs, reference, figures_dir)
+    convergence = _convergence(runs, history, figures_dir)
+    report.figures = {**ablation, **convergence}
+    _runs_csv(runs, out / "runs.csv")
+
+    report.sections = [
+        ("Paper tables", paper, []),
+        ("Other tasks", other, []),
+        ("Efficiency", efficiency, []),
+        ("Ablations (α, rank)", [], [(n, p["png"]) for n, p in ablation.items()]),
+        ("Convergence: curvature-aware vs Euclidean", [], [(n, p["png"]) for n, p in convergence.items()]),
+    ]
+    intro = [*selection, f"{len(runs)} finished runs; {report.missing} table cells missing across the paper and "
+             f"other-task tables.", f"Published values: {reference.path.name} ({reference.source})"]  # fmt: skip
+    (out / "report.md").write_text(_markdown_page(report, intro))
+    (out / "report.html").write_text(render_page("CAMEx reproduction report", intro, report.sections))
+    return report
+
+
+def _markdown_page(report: Report, intro: list[str]) -> str:
+    parts = ["# CAMEx reproduction report", "", *[f"{line}  " for line in intro], ""]
+    for heading, tables, figs in report.sections:
+        parts += [f"## {heading}", ""]
+        parts += [to_markdown(t) for t in tables]
+        parts += [f"![{name}](figures/{png.name}) ([SVG](figures/{png.stem}.svg), [data](figures/{png.stem}.csv))"
+                  for name, png in figs]  # fmt: skip
+        if not tables and not figs:
+            parts.append("No runs for this section.")
+        parts.append("")
+    return "\n".join(parts)
