@@ -16,6 +16,7 @@ parameter gradients it creates included).
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -131,6 +132,50 @@ def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def save(results: dict, out: str | None, default_name: str) -> dict:
+    """Write `results` to `out` (or `RESULTS/<default_name>`), say where, and return them."""
+    path = write_json(Path(out) if out else RESULTS / default_name, results)
+    print(f"wrote {path}")
+    return results
+
+
+def shape_parser(description: str, *, shapes: list[str], cases: list[str], repeats: int) -> argparse.ArgumentParser:
+    """The command line of the benchmarks that time one layer at fixed shapes (layer, eval)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--shapes", nargs="+", default=["t5", "gpt2"], choices=shapes)
+    p.add_argument("--cases", nargs="+", default=cases, choices=cases)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--tiny", action="store_true", help="toy shapes, for smoke tests")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<benchmark>_<device>.json)")
+    return p
+
+
+def run_shapes(benchmark: str, args: argparse.Namespace, *, shapes: dict, run_shape: Callable, table: Callable) -> dict:
+    """Run `run_shape` for every shape asked for, print each table, and save the JSON."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    results = {
+        "benchmark": benchmark,
+        "environment": environment(device),
+        "settings": {"dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats, "tiny": args.tiny},
+        "shapes": {},
+    }
+    for name in args.shapes:
+        result = run_shape(
+            shapes[name], args.cases, device, dtype, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory
+        )
+        results["shapes"][name] = result
+        print(table(result) + "\n", flush=True)
+    return save(results, args.out, f"{benchmark}_{device.type}.json")
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -20,21 +20,16 @@ costs. Cases (shapes and layers as in `benchmarks.layer`):
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
 from benchmarks.common import (
-    RESULTS,
     Case,
-    environment,
     markdown_table,
     measure_memory,
-    pick_device,
     round_ratio,
+    run_shapes,
+    shape_parser,
     time_cases,
-    write_json,
 )
 from benchmarks.layer import SHAPES, TINY, Shape, build_module, gates, make_inputs
 
@@ -119,38 +114,8 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--shapes", nargs="+", default=["t5", "gpt2"], choices=list(SHAPES))
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    dtype = getattr(torch, args.dtype)
-    shapes = TINY if args.tiny else SHAPES
-    results = {
-        "benchmark": "eval",
-        "environment": environment(device),
-        "settings": {"dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats, "tiny": args.tiny},
-        "shapes": {},
-    }
-    for name in args.shapes:
-        result = run_shape(
-            shapes[name], args.cases, device, dtype, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory
-        )
-        results["shapes"][name] = result
-        print(table(result) + "\n", flush=True)
-    path = write_json(Path(args.out) if args.out else RESULTS / f"eval_{device.type}.json", results)
-    print(f"wrote {path}")
-    return results
+    args = shape_parser(__doc__.split("\n\n")[0], shapes=list(SHAPES), cases=list(CASES), repeats=10).parse_args(argv)
+    return run_shapes("eval", args, shapes=TINY if args.tiny else SHAPES, run_shape=run_shape, table=table)
 
 
 if __name__ == "__main__":

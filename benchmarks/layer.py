@@ -27,25 +27,21 @@ every call allocates them afresh. Timing is interleaved over cases (see `benchma
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from benchmarks.common import (
-    RESULTS,
     Case,
-    environment,
     markdown_table,
     measure_memory,
-    pick_device,
     ratio,
     round_ratio,
+    run_shapes,
+    shape_parser,
     time_cases,
-    write_json,
 )
 from camex.merging import nearest_factors
 from camex.moe import DareMask, KroneckerCurvature, MergedExpertLinear, NoisyTopKGate, TiesMask, UnitRouter
@@ -334,44 +330,10 @@ def table(result: dict) -> str:
     return text
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--shapes", nargs="+", default=["t5", "gpt2"], choices=list(SHAPES))
-    p.add_argument("--cases", nargs="+", default=ALL_CASES, choices=ALL_CASES)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("--tiny", action="store_true", help="toy shapes, for smoke tests")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layer_<device>.json)")
-    return p.parse_args(argv)
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    dtype = getattr(torch, args.dtype)
+    args = shape_parser(__doc__.split("\n\n")[0], shapes=list(SHAPES), cases=ALL_CASES, repeats=5).parse_args(argv)
     torch.manual_seed(0)
-    shapes = TINY if args.tiny else SHAPES
-    results = {
-        "benchmark": "layer",
-        "environment": environment(device),
-        "settings": {"dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats, "tiny": args.tiny},
-        "shapes": {},
-    }
-    for name in args.shapes:
-        result = run_shape(
-            shapes[name], args.cases, device, dtype, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory
-        )
-        results["shapes"][name] = result
-        print(table(result) + "\n", flush=True)
-    path = write_json(Path(args.out) if args.out else RESULTS / f"layer_{device.type}.json", results)
-    print(f"wrote {path}")
-    return results
+    return run_shapes("layer", args, shapes=TINY if args.tiny else SHAPES, run_shape=run_shape, table=table)
 
 
 if __name__ == "__main__":

@@ -23,22 +23,20 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    RESULTS,
     Case,
     environment,
     markdown_table,
     pick_device,
     round_ratio,
+    save,
     sync,
     time_cases,
-    write_json,
 )
 from camex import MoEOptions, list_variants, upcycle  # noqa: E402
 from camex.accounting import count_parameters  # noqa: E402
@@ -261,9 +259,7 @@ def main(argv=None) -> dict:
         result = run_family(family, size, args.variants, device, dtype, args, overrides)
         results["models"][family] = result
         print(table(result) + "\n", flush=True)
-    path = write_json(Path(args.out) if args.out else RESULTS / f"model_{size}_{device.type}.json", results)
-    print(f"wrote {path}")
-    return results
+    return save(results, args.out, f"model_{size}_{device.type}.json")
 
 
 if __name__ == "__main__":
