@@ -209,7 +209,8 @@ def _flops_per_token(trainer, model: torch.nn.Module) -> dict[str, float]:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = next(iter(trainer.get_eval_dataloader()))
+    named = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else None  # e.g. MNLI's two splits
+    batch = next(iter(trainer.get_eval_dataloader(next(iter(named)) if named else None)))
     device = trainer.args.device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     if "input_ids" in batch:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, VOCAB
 from torch.utils.flop_counter import FlopCounterMode
 
 from camex import MoEOptions, upcycle
@@ -153,3 +153,25 @@ def test_efficiency_table_rows():
     saved = rows["camex"]["parameters"] - rows["ep_camex"]["parameters"]
     assert saved == pytest.approx(11 * 768 * 3072 / 12)
     assert rows["camex"]["eval_flops_per_token"] == rows["merged"]["eval_flops_per_token"]
+
+
+def test_run_flops_per_token_reads_named_eval_splits(tmp_path):
+    """Tasks with named eval splits (MNLI: matched, mismatched) hand the Trainer a dict; the per-run
+    FLOP count then measures the first split's first batch, exactly as with a plain eval set."""
+    from transformers import Trainer, TrainingArguments
+
+    from camex.train import _flops_per_token
+
+    torch.manual_seed(0)
+    model = upcycle(TINY["bert"].make(), "camex", MoEOptions(num_experts=3))
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(0, VOCAB, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
+         "labels": torch.tensor(i % 3)}
+        for i in range(4)
+    ]  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=True)
+    plain = _flops_per_token(Trainer(model=model, args=args, eval_dataset=rows), model)
+    named = _flops_per_token(Trainer(model=model, args=args, eval_dataset={"matched": rows, "other": rows[2:]}), model)
+    assert plain["final_flops_per_token"] > 0
+    assert named == plain
