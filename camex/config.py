@@ -129,6 +129,11 @@ def _check_tracking(t: dict[str, Any]) -> None:
         raise ConfigError(f"tracking.enabled={t['enabled']!r} is invalid; allowed: true, false")
     if t.get("fallback") not in TRACKING_FALLBACKS:
         raise ConfigError(f"tracking.fallback={t['fallback']!r} is invalid; allowed: null (fail), sqlite")
+    if not isinstance(t.get("tags") or {}, dict):
+        raise ConfigError(f"tracking.tags={t['tags']!r} is invalid; allowed: a mapping of tag names to values")
+    parent = t.get("parent_run_id")
+    if parent is not None and not isinstance(parent, str):
+        raise ConfigError(f"tracking.parent_run_id={parent!r} is invalid; allowed: null or an MLflow run id")
     location = t.get("artifact_location")
     if location is not None and not isinstance(location, str):
         raise ConfigError(f"tracking.artifact_location={location!r} is invalid; allowed: null or a path or URI")

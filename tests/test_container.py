@@ -276,3 +276,16 @@ def test_reproduce_script_runs_a_preset_locally_and_builds_its_report(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+def test_git_commit_falls_back_to_the_commit_the_image_was_built_with(monkeypatch):
+    """The image has no `.git`: `git rev-parse` fails there and the run is tagged with the build's commit."""
+    from camex import tracking
+
+    failed = subprocess.CompletedProcess(["git"], returncode=128, stdout="", stderr="not a git repository")
+    monkeypatch.setattr(tracking.subprocess, "run", lambda *a, **k: failed)
+    monkeypatch.delenv("CAMEX_GIT_COMMIT", raising=False)
+    assert tracking.git_commit() == "unknown"
+    monkeypatch.setenv("CAMEX_GIT_COMMIT", "0123abc")
+    assert tracking.git_commit() == "0123abc"
+    assert "CAMEX_GIT_COMMIT=${GIT_COMMIT}" in (ROOT / "Dockerfile").read_text()

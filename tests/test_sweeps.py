@@ -166,6 +166,14 @@ def test_a_raising_trial_is_recorded_failed_and_the_sweep_finishes(tmp_path):
     assert parents[0].data.params["fixed.sweeps"] == "ablation_rank"
     assert parents[0].data.metrics["trials_fail"] == 1 and parents[0].data.metrics["trials_complete"] == 1
 
+    # retry_failed: the same command again queues the failed grid point once more, never the finished one
+    proc = sweep(out, "+sweeps=ablation_rank", "merge=camex_ties", "merge.rank=0,1", "trainer.learning_rate=1e-3",
+                 "hydra.sweeper.retry_failed=true")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = sorted((t.params["merge.rank"], t.state) for t in load_study(out).trials)
+    assert ranks == [(0, TrialState.FAIL), (0, TrialState.FAIL), (1, TrialState.COMPLETE)]
+    assert "finished: glue/mrpc" not in proc.stdout
+
 
 def test_two_parallel_workers_share_one_study_and_one_mlflow_store(tmp_path):
     out = tmp_path / "out"
