@@ -117,7 +117,7 @@ def _check_trainer(t: dict[str, Any]) -> None:
     need("lr_scheduler", t.get("lr_scheduler") in SCHEDULERS, str(list(SCHEDULERS)))
     if t.get("eval_every") == "steps":
         need("eval_steps", isinstance(t.get("eval_steps"), int) and t["eval_steps"] >= 1, "an integer >= 1")
-    for key in ("max_train_samples", "max_eval_samples"):
+    for key in ("max_train_samples", "max_eval_samples", "threads"):
         need(key, t.get(key) is None or (_is_integer(t[key]) and t[key] >= 1), "null or an integer >= 1")
 
 

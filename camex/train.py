@@ -232,7 +232,19 @@ def _flops_per_token(trainer, model: torch.nn.Module) -> dict[str, float]:
 
 
 def _final_metrics(trainer, prepared: tasks.Prepared) -> dict[str, float]:
-    results = trainer.evaluate()
+    """Eval metrics of the weights the run ends with: the selected (best) or the last step.
+
+    That step's evaluation is already in the Trainer's log, and evaluation is deterministic, so it
+    is reused; only when that step was never evaluated (e.g. eval_every=steps off the last step
+    and select_best=false) is the evaluation run again.
+    """
+    state = trainer.state
+    step = state.best_global_step if trainer.args.load_best_model_at_end and state.best_global_step else None
+    step = step or state.global_step
+    results = {k: v for entry in state.log_history if entry.get("step") == step
+               for k, v in entry.items() if k.startswith("eval_")}  # fmt: skip
+    if f"eval_{_best_metric_name(prepared)}" not in results:
+        results = trainer.evaluate()
     return {f"final_{k.removeprefix('eval_')}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
 
 
@@ -265,6 +277,8 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
     resume_from, refused = distributed.share_from_main(claim)
     if refused:
         raise ConfigError(refused)
+    if spec.trainer.get("threads"):  # e.g. 1 per worker when a parallel launcher runs 2 trials on 2 cores
+        torch.set_num_threads(spec.trainer["threads"])
     seed = cfg["seed"]
     set_seed(seed)
 

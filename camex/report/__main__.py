@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,7 +27,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep runs whose tag KEY equals VALUE (repeatable), e.g. --tag model=t5_base")
     p.add_argument("--reference", default=None, help="published-values file (default: reports/paper_reference.yaml)")
     p.add_argument("--out", default="reports/latest", help="output folder (default: reports/latest)")
+    p.add_argument("--provenance", default=None, type=Path,
+                   help="JSON written by the command that produced the runs (command, wall_clock_s, git_commit, "
+                        "machine, packages): shown at the top of the report")
     return p  # fmt: skip
+
+
+def _provenance_lines(path: Path) -> list[str]:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--provenance {path}: not a readable JSON file ({exc})") from None
+    if not isinstance(info, dict) or "command" not in info:
+        raise ValueError(f"--provenance {path}: expected a JSON object with at least 'command'")
+    lines = [f"Produced by: `{info['command']}`"]
+    if "wall_clock_s" in info:
+        n = len(info.get("invocations", [])) or 1
+        lines.append(f"Wall-clock of the runs: {info['wall_clock_s'] / 60:.1f} min ({n} invocation{'s' * (n > 1)})")
+    lines += [f"{label}: {info[key]}" for key, label in (("git_commit", "Git commit"), ("machine", "Machine"))
+              if key in info]  # fmt: skip
+    if isinstance(info.get("packages"), dict):
+        lines.append("Packages: " + ", ".join(f"{k} {v}" for k, v in info["packages"].items()))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         tags = collect.parse_tag_filters(args.tag)
         reference = load_reference(args.reference)
         runs = collect.collect_runs(uri, args.experiment, tags)
-    except (collect.CollectError, ReferenceError) as exc:
+        provenance = _provenance_lines(args.provenance) if args.provenance else []
+    except (collect.CollectError, ReferenceError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not runs:
@@ -45,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     client = collect.client(uri)
     selection = [f"Tracking store: {uri}", f"Experiments: {', '.join(args.experiment) or 'all'}",
-                 f"Tag filters: {', '.join(args.tag) or 'none'}"]  # fmt: skip
+                 f"Tag filters: {', '.join(args.tag) or 'none'}", *provenance]  # fmt: skip
     out = Path(args.out)
     report = build_report(runs, reference, out, lambda rid, key: collect.metric_history(client, rid, key), selection)
     print(f"report: {len(runs)} runs, {len(report.tables)} tables, {len(report.figures)} figures, "
