@@ -349,6 +349,8 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
         tracker.log_dict(payload, "metrics.json")
         if distributed.is_main():
             atomic_write_text(run_dir / "metrics.json", json.dumps(payload, indent=2))
+            if not spec.trainer.get("keep_checkpoints", True):  # finished: nothing left to resume from
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if distributed.is_main():
         _announce(run_dir, spec, cfg, payload)
     return payload
