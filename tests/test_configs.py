@@ -70,7 +70,8 @@ def test_every_task_merge_model_combination(monkeypatch):
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_preset_composes(experiment):
     cfg = _compose([f"experiment={experiment}"])
-    assert cfg["experiment_name"] == experiment
+    # the three parts of the CPU-scale reproduction share one MLflow experiment, hence one report
+    assert cfg["experiment_name"] == ("cpu_mini" if experiment.startswith("cpu_mini_") else experiment)
     assert cfg["merge"]["variant"] in list_variants()
 
 

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "reproduce_cpu_mini.py"
 COMMITTED = ROOT / "reports" / "cpu_mini"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-PARTS = {"offline/sentiment": "tiny_bert", "offline/topic": "tiny_bert", "offline/wiki_lm": "small_gpt2",
-         "offline/digits": "small_vit"}  # fmt: skip
+PARTS = {"offline/topic": "tiny_bert", "offline/wiki_lm": "small_gpt2", "offline/digits": "small_vit"}
 
 
 def _driver():
@@ -59,7 +59,7 @@ def test_reduced_reproduction_reports_every_tracked_run(reduced):
 
     outputs, report = reduced
     rows = _rows(report / "runs.csv")
-    # 3 sweeps: 2 text sets + LM + vision, each Domain-specific vs Domain-specific-CA over 2 seeds
+    # 3 sweeps: text (one set) + LM + vision, each Domain-specific vs Domain-specific-CA over 2 seeds
     assert sorted((r["task"], r["model"], r["merge"], r["seed"]) for r in rows) == sorted(
         (task, model, merge, seed) for task, model in PARTS.items() for merge in ("domain", "camex") for seed in "01"
     )
@@ -148,6 +148,26 @@ def test_committed_report_numbers_come_from_its_runs():
     readme = (ROOT / "README.md").read_text()
     for image in re.findall(r"\]\((reports/cpu_mini/[^)]+\.png)\)", readme):
         assert (ROOT / image).is_file(), image
+    generated = "\n".join((COMMITTED / "tables" / f"{t}.md").read_text() for t in ("other__minilm", "other__small_gpt2",
+                                                                                 "other__small_vit"))  # fmt: skip
+    section = readme[readme.index("**Headline table**"):readme.index("**Findings.**")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| row")]
+    assert len(rows) == 9 + 4 + 2 and all(line in generated for line in rows)  # the README shows the report's cells
+
+
+def test_committed_tables_rebuild_from_the_committed_mlflow_store(tmp_path):
+    if not (COMMITTED / "mlflow.db").exists():
+        pytest.skip("no committed CPU-scale report")
+    store = tmp_path / "mlflow.db"
+    shutil.copy(COMMITTED / "mlflow.db", store)  # MLflow may touch the file it opens: never the committed one
+    cmd = [sys.executable, "-m", "camex.report", "--tracking-uri", f"sqlite:///{store}", "--experiment", "cpu_mini",
+           "--out", str(tmp_path / "report")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    committed = sorted(p.relative_to(COMMITTED) for p in (COMMITTED / "tables").iterdir())
+    assert committed == sorted(p.relative_to(tmp_path / "report") for p in (tmp_path / "report" / "tables").iterdir())
+    for name in [*committed, Path("runs.csv")]:
+        assert (tmp_path / "report" / name).read_text() == (COMMITTED / name).read_text(), name
 
 
 def test_bad_compare_folder_is_refused_before_any_run(tmp_path):
