@@ -111,9 +111,9 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else fallback
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     versions = {"python": sys.version.split()[0]}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

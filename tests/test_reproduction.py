@@ -77,6 +77,10 @@ def test_reduced_reproduction_reports_every_tracked_run(reduced):
         stem = f"convergence__{task}__{model}".replace("/", "_")
         assert (report / "figures" / f"{stem}.png").stat().st_size > 0
         assert {r["merge"] for r in _rows(report / "figures" / f"{stem}.csv")} == {"domain", "camex"}
+    run_dirs = list((outputs / "sweeps").glob("*/trial*"))
+    assert len(run_dirs) == len(rows) and all((d / "final_model").is_dir() for d in run_dirs)
+    assert not [d for d in run_dirs if (d / "checkpoints").exists()]  # trainer.keep_checkpoints=false
+    assert {client.get_run(r["run_id"]).data.params["trainer.threads"] for r in rows} == {"1"}
     lm_loss = [r for r in _rows(report / "figures" / "convergence__offline_wiki_lm__small_gpt2.csv")
                if r["panel"] == "train_loss"]  # fmt: skip
     assert {r["step"] for r in lm_loss} == {"1", "2"}  # the loss curve: logged every step in the reduced run
