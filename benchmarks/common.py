@@ -43,6 +43,7 @@ class Case:
     info: dict = field(default_factory=dict)
     times_ms: list[float] = field(default_factory=list)
     peak_mb: float | None = None
+    gflop: float | None = None
 
     @property
     def median_ms(self) -> float:
@@ -104,6 +105,22 @@ def _profiled_peak(run: Callable[[], object]) -> float:
 def measure_memory(cases: list[Case], device: torch.device) -> None:
     for case in cases:
         case.peak_mb = peak_memory_mb(case.run, device)
+
+
+def matmul_gflop(run: Callable[[], object]) -> float:
+    """GFLOP of the matrix products one `run()` executes, forward and backward alike, as counted by
+    `torch.utils.flop_counter.FlopCounterMode` (one multiply-add is 2 FLOPs; elementwise work is
+    not counted). This is the work a case does, not a model of it: recomputations count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops() / 1e9
+
+
+def measure_flops(cases: list[Case]) -> None:
+    for case in cases:
+        case.gflop = matmul_gflop(case.run)
 
 
 def environment(device: torch.device) -> dict:

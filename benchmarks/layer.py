@@ -23,6 +23,11 @@ their upcycled values so that masks and factors do real work):
 Each call is one forward and one backward with a fixed upstream gradient (the input requires a
 gradient too, as inside a network); parameter gradients are reset to None before each call, so
 every call allocates them afresh. Timing is interleaved over cases (see `benchmarks.common`).
+One more call per case counts the matrix-product FLOPs it executes (`GFLOP`, recomputations
+included) for the throughput column (`GFLOP/s`): it tells a case that does more work from one
+that does the same work slowly (the released formulation runs fewer FLOPs than CAMEx, which
+recomputes partial products in its backward pass instead of storing them, and is slow from
+moving memory).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch import nn
 from benchmarks.common import (
     Case,
     markdown_table,
+    measure_flops,
     measure_memory,
     ratio,
     round_ratio,
@@ -249,6 +255,7 @@ def run_shape(shape: Shape, names: list[str], device, dtype, *, warmup: int, rep
     time_cases(cases, device, warmup=warmup, repeats=repeats)
     if memory:
         measure_memory(cases, device)
+    measure_flops(cases)
     return summarise(shape, cases)
 
 
@@ -277,6 +284,8 @@ def summarise(shape: Shape, cases: list[Case]) -> dict:
                 else None
             ),
             "parameters": sum(p.numel() for p in c.info["module"].parameters()),
+            "gflop": c.gflop,
+            "gflop_per_s": ratio(c.gflop, c.median_ms / 1e3),
         }
     return {
         "shape": {**shape.__dict__, "tokens": shape.tokens, "units": shape.units},
@@ -313,6 +322,8 @@ def table(result: dict) -> str:
                 r["peak_mb"],
                 r["x_dense_memory"],
                 r["x_released_memory"],
+                r["gflop"],
+                r["gflop_per_s"],
             ]
         )
     s = result["shape"]
@@ -320,7 +331,9 @@ def table(result: dict) -> str:
         f"**{s['name']}**: {s['in_features']}→{s['out_features']}, {s['batch']}×{s['length']} tokens, "
         f"{s['units']} units ({s['unit']}), n = {s['experts']}, bias = {s['bias']}"
     )
-    headers = ["case", "fwd+bwd ms", "× dense", "× released", "peak MiB", "mem × dense", "mem × released"]
+    headers = [
+        "case", "fwd+bwd ms", "× dense", "× released", "peak MiB", "mem × dense", "mem × released", "GFLOP", "GFLOP/s"
+    ]  # fmt: skip
     text = title + "\n\n" + markdown_table(headers, rows)
     if result["targets"]:
         checks = [

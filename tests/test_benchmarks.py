@@ -12,10 +12,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks import eval as eval_bench  # noqa: E402
 from benchmarks import layer as layer_bench  # noqa: E402
 from benchmarks import model as model_bench  # noqa: E402
 from camex import list_variants  # noqa: E402
+from camex.merging import nearest_factors  # noqa: E402
 
 
 @pytest.fixture
@@ -42,9 +44,27 @@ def test_layer_benchmark_smoke(tmp_path, one_thread):
             assert _positive(row["median_ms"]), (name, row)
             assert _positive(row["peak_mb"]), (name, row)
             assert _positive(row["x_dense_time"]), (name, row)
+            assert _positive(row["gflop"]) and _positive(row["gflop_per_s"]), (name, row)
         for name in ("camex_r1", "camex_r8", "released_r1", "released_r8"):
             assert _positive(cases[name]["x_released_time"]) and _positive(cases[name]["x_released_memory"])
         assert {t["target"] for t in result["targets"]} >= {"camex_r1 time × released_r1", "euclid time × dense"}
+
+
+def test_layer_benchmark_counts_the_matmuls_each_case_executes():
+    """Golden counts on the tiny T5 shape: the dense linear's three products, and the curvature
+    pass at r = 1, which per entry and expert runs every mode forward, every mode again for ∂τ
+    and for the factor gradients, and recomputes all partial products but the last."""
+    shape = layer_bench.TINY["t5"]
+    x, grad_y = layer_bench.make_inputs(shape, torch.device("cpu"), torch.float32, grad=True)
+
+    def gflop(name: str) -> float:
+        return common.matmul_gflop(layer_bench.train_step(layer_bench.build_module(name, shape), x, grad_y))
+
+    o, i, n = shape.out_features, shape.in_features, shape.experts
+    assert gflop("dense") * 1e9 == pytest.approx(3 * 2 * shape.tokens * i * o)
+    dims = [*nearest_factors(o), *nearest_factors(i)]
+    per_entry = 4 * sum(dims) - dims[0]
+    assert (gflop("camex_r1") - gflop("euclid")) * 1e9 == pytest.approx(2 * n * o * i * per_entry)
 
 
 def test_eval_benchmark_smoke(tmp_path, one_thread):

@@ -37,46 +37,53 @@ def _graph_is_kept() -> bool:
         return True
 
 
-# On CPU the merged weights are built for a block of units of at most this size at a time, in one
-# recycled buffer: a layer never holds all `[units, O, I]` weights (nor their gradient) at once,
-# and fresh memory, which the CPU allocator maps and page-faults on every call, stays small.
-# Each block re-reads the deltas once, so blocks should not be much smaller than this.
-CPU_BLOCK_BYTES = 48 * 2**20
+# On CPU the merged weights are built for a tile of output rows at a time, for every unit, in one
+# recycled buffer of at most this size: a tile's weights, its slice of the deltas and its
+# gradients stay in the last-level cache through the tile's matmuls, so the deltas are read from
+# memory once per pass, and the layer never holds all `[units, O, I]` weights (nor their
+# gradient). Buffers this small are also recycled by the heap instead of being mapped and
+# page-faulted afresh on every call, which large CPU allocations are.
+CPU_BLOCK_BYTES = 8 * 2**20
 
 
-def unit_block(base: torch.Tensor, units: int) -> int:
-    """Units per block: all of them off the CPU (the caching allocator recycles memory there)."""
+def row_tile(base: torch.Tensor, units: int) -> int:
+    """Output rows per tile: all of them off the CPU (the caching allocator recycles memory there)."""
+    rows, row_bytes = base.shape[0], units * base[0].numel() * base.element_size()
     if base.device.type != "cpu":
-        return max(units, 1)
-    return max(1, min(units, CPU_BLOCK_BYTES // max(base.numel() * base.element_size(), 1)))
+        return max(rows, 1)
+    return max(1, min(rows, CPU_BLOCK_BYTES // max(row_bytes, 1)))
 
 
 class _MergedLinear(torch.autograd.Function):
     """`y_u = x_u Ŵ_uᵀ + b̂_u` with `Ŵ = merge_flat(base, deltas, scores, alpha)` (and the bias alike).
 
-    Units are processed in blocks (`unit_block`). With one block (always on GPU) the merged
-    weights are kept for the backward pass, which then writes `∂Ŵ_u = ∂y_uᵀ x_u` straight into
-    their buffer once `∂x` is known (unless autograd keeps the graph for another backward). With
-    several blocks (CPU) the backward pass rebuilds each block's weights (a `[u, n] @ [n, O·I]`
-    product, cheap next to the token matmuls) in the block buffer and reuses it for their
-    gradient, accumulating `∂deltas`, `∂base` and `∂scores` block by block.
+    Output rows are processed in tiles (`row_tile`), each for every unit at once: merge the
+    tile's weights `[units, rows, I]`, then `y_u[:, rows] = x_u Ŵ_u[rows]ᵀ`. With one tile (always
+    off the CPU) the merged weights are kept for the backward pass, which then writes
+    `∂Ŵ_u = ∂y_uᵀ x_u` straight into their buffer once `∂x` is known (unless autograd keeps the
+    graph for another backward). With several tiles (CPU) the backward pass rebuilds each tile's
+    weights (a `[units, n] @ [n, rows·I]` product, cheap next to the token matmuls), accumulates
+    `∂x` over tiles, and turns the tile's `∂Ŵ` (written over the rebuilt weights) into its rows of
+    `∂deltas` and `∂base` and its share of `∂scores`.
     """
 
     @staticmethod
     def forward(ctx, x, base, deltas, scores, alpha, base_bias, delta_bias):
         units, n = scores.shape
-        size = unit_block(base, units)
+        rows = row_tile(base, units)
         bias = None if base_bias is None else merge_flat(base_bias, delta_bias, scores, alpha)
-        if size >= units:
+        y = x.new_empty((*x.shape[:-1], base.shape[0]))
+        weight = None
+        if rows >= base.shape[0]:
             weight = merge_flat(base, deltas, scores, alpha)
-            y = _apply(x, weight, bias)
+            _apply(x, weight, bias, out=y)
         else:
-            weight, buffer = None, base.new_empty((size, *base.shape))
-            y = x.new_empty((*x.shape[:-1], base.shape[0]))
-            for u in _blocks(units, size):
-                w = _merge_into(buffer[: u.stop - u.start], base, deltas, scores[u], alpha)
-                _apply(x[u], w, None if bias is None else bias[u], out=y[u])
-        ctx.alpha, ctx.size = alpha, size
+            buffer, out = base.new_empty(units * rows * base.shape[1]), x.new_empty(units * x.shape[1] * rows)
+            for r in _blocks(base.shape[0], rows):
+                w = _merge_rows(buffer, base, deltas, scores, alpha, r)
+                b = None if bias is None else bias[:, r]
+                y[..., r] = _apply(x, w, b, out=out[: w.shape[0] * x.shape[1] * w.shape[1]].view(*x.shape[:2], -1))
+        ctx.alpha, ctx.rows = alpha, rows
         ctx.save_for_backward(x, base, deltas, scores, weight, delta_bias)
         return y
 
@@ -85,38 +92,38 @@ class _MergedLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, base, deltas, scores, weight, delta_bias = ctx.saved_tensors
         need_x, need_base, need_deltas, need_scores, _, need_bias, need_dbias = ctx.needs_input_grad
-        alpha, size = ctx.alpha, ctx.size
+        alpha, rows = ctx.alpha, ctx.rows
         units, n = scores.shape
         grad = grad.contiguous()
         grad_x = torch.empty_like(x) if need_x else None
-        flat = deltas.reshape(n, -1)
-        grad_base = torch.zeros_like(base).view(1, -1) if need_base else None
-        grad_deltas = torch.empty_like(flat) if need_deltas else None
-        grad_scores = scores.new_empty(units, n) if need_scores else None
+        grad_base = torch.empty_like(base) if need_base else None
+        grad_deltas = torch.empty_like(deltas) if need_deltas else None
+        grad_scores = scores.new_zeros(units, n) if need_scores else None
         need_w = need_base or need_deltas or need_scores
         buffer = None
         if weight is None:
-            buffer = base.new_empty((size, *base.shape))
+            buffer = base.new_empty(units * rows * base.shape[1])
         elif need_w and _graph_is_kept():  # the kept weights must survive this pass
-            buffer = torch.empty_like(weight)
-        for i, u in enumerate(_blocks(units, size)):
-            w = (
-                weight[u]
-                if weight is not None
-                else _merge_into(buffer[: u.stop - u.start], base, deltas, scores[u], alpha)
-            )
+            buffer = torch.empty_like(weight).view(-1)
+        scaled = scores.t() * alpha  # [n, units]
+        for r in _blocks(base.shape[0], rows):
+            w = weight if weight is not None else _merge_rows(buffer, base, deltas, scores, alpha, r)
+            g = grad[..., r]
             if need_x:
-                torch.bmm(grad[u], w, out=grad_x[u])
+                if r.start == 0:
+                    torch.bmm(g, w, out=grad_x)
+                else:
+                    grad_x.baddbmm_(g, w)
             if not need_w:
                 continue
-            target = w if buffer is None or weight is None else buffer[u]  # Ŵ is dead once ∂x is known
-            gw = torch.bmm(grad[u].transpose(1, 2), x[u], out=target).view(u.stop - u.start, -1)
+            target = w if buffer is None or weight is None else buffer.view_as(w)  # Ŵ is dead once ∂x is known
+            gw = torch.bmm(g.transpose(1, 2), x, out=target).view(units, -1)
             if need_base:
-                grad_base.add_(gw.sum(0))
+                torch.sum(gw, 0, out=grad_base[r].view(-1))
             if need_deltas:
-                torch.addmm(grad_deltas, scores[u].t(), gw, beta=0.0 if i == 0 else 1.0, alpha=alpha, out=grad_deltas)
+                grad_deltas[:, r] = torch.mm(scaled, gw).view(n, -1, base.shape[1])
             if need_scores:
-                torch.mm(gw, flat.t(), out=grad_scores[u])
+                grad_scores.addmm_(gw, deltas[:, r].reshape(n, -1).t())
         if need_scores:
             grad_scores.mul_(alpha)
         grad_bias = grad_dbias = None
@@ -128,8 +135,8 @@ class _MergedLinear(torch.autograd.Function):
                 grad_scores.addmm_(grad_b, delta_bias.t(), alpha=alpha)
         return (
             grad_x,
-            None if grad_base is None else grad_base.view_as(base),
-            None if grad_deltas is None else grad_deltas.view_as(deltas),
+            grad_base,
+            grad_deltas,
             grad_scores,
             None,
             grad_bias,
@@ -142,10 +149,13 @@ def _blocks(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
-def _merge_into(out: torch.Tensor, base, deltas, scores, alpha) -> torch.Tensor:
-    flat = out.view(out.shape[0], -1)
-    torch.addmm(base.reshape(1, -1), scores, deltas.reshape(deltas.shape[0], -1), alpha=alpha, out=flat)
-    return out
+def _merge_rows(buffer: torch.Tensor, base, deltas, scores, alpha, rows: slice) -> torch.Tensor:
+    """The merged weights' output rows `rows` for every unit, `[units, len(rows), I]`, in `buffer`."""
+    n, width = deltas.shape[0], base.shape[1]
+    count = rows.stop - rows.start
+    flat = buffer[: scores.shape[0] * count * width].view(scores.shape[0], -1)
+    torch.addmm(base[rows].reshape(1, -1), scores, deltas[:, rows].reshape(n, -1), alpha=alpha, out=flat)
+    return flat.view(scores.shape[0], count, width)
 
 
 def _apply(x, weight, bias, out=None) -> torch.Tensor:
