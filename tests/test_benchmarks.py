@@ -17,7 +17,7 @@ from benchmarks import eval as eval_bench  # noqa: E402
 from benchmarks import layer as layer_bench  # noqa: E402
 from benchmarks import model as model_bench  # noqa: E402
 from camex import list_variants  # noqa: E402
-from camex.merging import nearest_factors  # noqa: E402
+from camex.merging import merge, nearest_factors  # noqa: E402
 
 
 @pytest.fixture
@@ -50,10 +50,12 @@ def test_layer_benchmark_smoke(tmp_path, one_thread):
         assert {t["target"] for t in result["targets"]} >= {"camex_r1 time × released_r1", "euclid time × dense"}
 
 
-def test_layer_benchmark_counts_the_matmuls_each_case_executes():
-    """Golden counts on the tiny T5 shape: the dense linear's three products, and the curvature
-    pass at r = 1, which per entry and expert runs every mode forward, every mode again for ∂τ
-    and for the factor gradients, and recomputes all partial products but the last."""
+def test_layer_benchmark_counts_the_matmuls_each_case_executes(monkeypatch):
+    """Golden counts on the tiny T5 shape: the dense linear's three products; the curvature pass
+    at r = 1, which per entry and expert runs every mode forward, every mode again for ∂τ and for
+    the factor gradients, and recomputes all partial products but the last; and the merged
+    linear in tiles of one row, which rebuilds the merged weights in its backward pass instead of
+    keeping them and otherwise does the same products (every one of them counted)."""
     shape = layer_bench.TINY["t5"]
     x, grad_y = layer_bench.make_inputs(shape, torch.device("cpu"), torch.float32, grad=True)
 
@@ -65,6 +67,9 @@ def test_layer_benchmark_counts_the_matmuls_each_case_executes():
     dims = [*nearest_factors(o), *nearest_factors(i)]
     per_entry = 4 * sum(dims) - dims[0]
     assert (gflop("camex_r1") - gflop("euclid")) * 1e9 == pytest.approx(2 * n * o * i * per_entry)
+    kept = gflop("euclid")
+    monkeypatch.setattr(merge, "CPU_BLOCK_BYTES", 1)
+    assert (gflop("euclid") - kept) * 1e9 == pytest.approx(2 * shape.units * n * o * i)
 
 
 def test_eval_benchmark_smoke(tmp_path, one_thread):

@@ -109,11 +109,8 @@ class _MergedLinear(torch.autograd.Function):
         for r in _blocks(base.shape[0], rows):
             w = weight if weight is not None else _merge_rows(buffer, base, deltas, scores, alpha, r)
             g = grad[..., r]
-            if need_x:
-                if r.start == 0:
-                    torch.bmm(g, w, out=grad_x)
-                else:
-                    grad_x.baddbmm_(g, w)
+            if need_x:  # out= forms rather than in-place ones, which FLOP counters do not see
+                torch.baddbmm(grad_x, g, w, beta=0.0 if r.start == 0 else 1.0, out=grad_x)
             if not need_w:
                 continue
             target = w if buffer is None or weight is None else buffer.view_as(w)  # Ŵ is dead once ∂x is known
@@ -123,7 +120,7 @@ class _MergedLinear(torch.autograd.Function):
             if need_deltas:
                 grad_deltas[:, r] = torch.mm(scaled, gw).view(n, -1, base.shape[1])
             if need_scores:
-                grad_scores.addmm_(gw, deltas[:, r].reshape(n, -1).t())
+                torch.addmm(grad_scores, gw, deltas[:, r].reshape(n, -1).t(), out=grad_scores)
         if need_scores:
             grad_scores.mul_(alpha)
         grad_bias = grad_dbias = None
@@ -132,7 +129,7 @@ class _MergedLinear(torch.autograd.Function):
             grad_bias = grad_b.sum(0) if need_bias else None
             grad_dbias = torch.mm(scores.t(), grad_b).mul_(alpha) if need_dbias else None
             if need_scores:
-                grad_scores.addmm_(grad_b, delta_bias.t(), alpha=alpha)
+                torch.addmm(grad_scores, grad_b, delta_bias.t(), alpha=alpha, out=grad_scores)
         return (
             grad_x,
             grad_base,
