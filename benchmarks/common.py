@@ -31,6 +31,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop
 
 import torch  # noqa: E402
 
+from camex.tracking import git_commit  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -131,6 +133,7 @@ def environment(device: torch.device) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git_commit(),  # the code the figures were measured on
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

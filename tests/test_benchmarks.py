@@ -16,7 +16,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks import eval as eval_bench  # noqa: E402
 from benchmarks import layer as layer_bench  # noqa: E402
 from benchmarks import model as model_bench  # noqa: E402
-from camex import list_variants  # noqa: E402
+from camex import list_variants, tracking  # noqa: E402
 from camex.merging import merge, nearest_factors  # noqa: E402
 
 
@@ -36,6 +36,7 @@ def test_layer_benchmark_smoke(tmp_path, one_thread):
     out = tmp_path / "layer.json"
     layer_bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--out", str(out), *one_thread])
     data = json.loads(out.read_text())
+    assert data["environment"]["commit"] == tracking.git_commit() != ""
     assert set(data["shapes"]) == {"t5", "gpt2"}
     for result in data["shapes"].values():
         cases = result["cases"]
@@ -54,8 +55,8 @@ def test_layer_benchmark_counts_the_matmuls_each_case_executes(monkeypatch):
     """Golden counts on the tiny T5 shape: the dense linear's three products; the curvature pass
     at r = 1, which per entry and expert runs every mode forward, every mode again for ∂τ and for
     the factor gradients, and recomputes all partial products but the last; and the merged
-    linear in tiles of one row, which rebuilds the merged weights in its backward pass instead of
-    keeping them and otherwise does the same products (every one of them counted)."""
+    linear in tiles of one row that does not keep its weights, which rebuilds them in its backward
+    pass and otherwise does the same products (every one of them counted)."""
     shape = layer_bench.TINY["t5"]
     x, grad_y = layer_bench.make_inputs(shape, torch.device("cpu"), torch.float32, grad=True)
 
@@ -69,6 +70,7 @@ def test_layer_benchmark_counts_the_matmuls_each_case_executes(monkeypatch):
     assert (gflop("camex_r1") - gflop("euclid")) * 1e9 == pytest.approx(2 * n * o * i * per_entry)
     kept = gflop("euclid")
     monkeypatch.setattr(merge, "CPU_BLOCK_BYTES", 1)
+    monkeypatch.setattr(merge, "CPU_KEEP_BYTES", 0)
     assert (gflop("euclid") - kept) * 1e9 == pytest.approx(2 * shape.units * n * o * i)
 
 

@@ -14,12 +14,16 @@ from camex.moe import KroneckerCurvature, MergedExpertLinear, NoisyTopKGate, Uni
 F64 = torch.float64
 
 
-@pytest.fixture(params=["one-block", "blocks-of-one"])
+@pytest.fixture(params=["one-block", "blocks-of-one", "rows-of-one-kept"])
 def blocks(request, monkeypatch):
-    """Run each test with the whole tensor as one block, and with one expert / unit per block."""
-    if request.param == "blocks-of-one":
+    """Run each test with the whole tensor as one block; with one expert per curvature block and
+    one output row per merged-linear tile, the weights rebuilt in the backward pass; and with
+    rows of one whose weights are kept for the backward pass."""
+    if request.param != "one-block":
         monkeypatch.setattr(curvature, "CPU_BLOCK_BYTES", 1)
         monkeypatch.setattr(merge, "CPU_BLOCK_BYTES", 1)
+    if request.param == "blocks-of-one":
+        monkeypatch.setattr(merge, "CPU_KEEP_BYTES", 0)
     return request.param
 
 

@@ -37,54 +37,55 @@ def _graph_is_kept() -> bool:
         return True
 
 
-# On CPU the merged weights are built for a tile of output rows at a time, for every unit, in one
-# recycled buffer of at most this size: a tile's weights, its slice of the deltas and its
-# gradients stay in the last-level cache through the tile's matmuls, so the deltas are read from
-# memory once per pass, and the layer never holds all `[units, O, I]` weights (nor their
-# gradient). Buffers this small are also recycled by the heap instead of being mapped and
-# page-faulted afresh on every call, which large CPU allocations are.
+# On CPU the merged weights are built for a tile of output rows at a time, for every unit: a
+# tile's weights, its slice of the deltas and its gradients (`units + n` rows of `I` entries each)
+# take at most this much, so they stay in the last-level cache through the tile's matmuls and the
+# deltas are read from memory once per pass. Buffers this small are also recycled by the heap
+# instead of being mapped and page-faulted afresh on every call, as large CPU allocations are.
 CPU_BLOCK_BYTES = 8 * 2**20
+# Up to this size, all units' merged weights are kept for the backward pass instead of rebuilt
+# there (few units: the rebuild would re-read all the deltas for a small saving in memory).
+CPU_KEEP_BYTES = 24 * 2**20
 
 
-def row_tile(base: torch.Tensor, units: int) -> int:
+def row_tile(base: torch.Tensor, units: int, experts: int) -> int:
     """Output rows per tile: all of them off the CPU (the caching allocator recycles memory there)."""
-    rows, row_bytes = base.shape[0], units * base[0].numel() * base.element_size()
+    rows, row_bytes = base.shape[0], (units + experts) * base.shape[1] * base.element_size()
     if base.device.type != "cpu":
         return max(rows, 1)
     return max(1, min(rows, CPU_BLOCK_BYTES // max(row_bytes, 1)))
+
+
+def keeps_weights(base: torch.Tensor, units: int) -> bool:
+    """Whether the forward pass keeps every unit's merged weights for the backward pass."""
+    return base.device.type != "cpu" or units * base.numel() * base.element_size() <= CPU_KEEP_BYTES
 
 
 class _MergedLinear(torch.autograd.Function):
     """`y_u = x_u Ŵ_uᵀ + b̂_u` with `Ŵ = merge_flat(base, deltas, scores, alpha)` (and the bias alike).
 
     Output rows are processed in tiles (`row_tile`), each for every unit at once: merge the
-    tile's weights `[units, rows, I]`, then `y_u[:, rows] = x_u Ŵ_u[rows]ᵀ`. With one tile (always
-    off the CPU) the merged weights are kept for the backward pass, which then writes
-    `∂Ŵ_u = ∂y_uᵀ x_u` straight into their buffer once `∂x` is known (unless autograd keeps the
-    graph for another backward). With several tiles (CPU) the backward pass rebuilds each tile's
-    weights (a `[units, n] @ [n, rows·I]` product, cheap next to the token matmuls), accumulates
-    `∂x` over tiles, and turns the tile's `∂Ŵ` (written over the rebuilt weights) into its rows of
-    `∂deltas` and `∂base` and its share of `∂scores`.
+    tile's weights `[units, rows, I]`, then `y_u[:, rows] = x_u Ŵ_u[rows]ᵀ`. The backward pass
+    walks the same tiles: `∂x` accumulates over them, and each tile's `∂Ŵ = ∂y_uᵀ x_u` becomes its
+    rows of `∂deltas` and `∂base` and its share of `∂scores`. Where the weights are kept
+    (`keeps_weights`: always off the CPU, where there is one tile) the backward pass reads them and
+    writes `∂Ŵ` over them once `∂x` is known (unless autograd keeps the graph for another
+    backward); otherwise it rebuilds each tile (a `[units, n] @ [n, rows·I]` product, cheap next to
+    the token matmuls) in a tile-sized buffer and writes `∂Ŵ` over that.
     """
 
     @staticmethod
     def forward(ctx, x, base, deltas, scores, alpha, base_bias, delta_bias):
         units, n = scores.shape
-        rows = row_tile(base, units)
+        rows, keep = row_tile(base, units, n), keeps_weights(base, units)
         bias = None if base_bias is None else merge_flat(base_bias, delta_bias, scores, alpha)
         y = x.new_empty((*x.shape[:-1], base.shape[0]))
-        weight = None
-        if rows >= base.shape[0]:
-            weight = merge_flat(base, deltas, scores, alpha)
-            _apply(x, weight, bias, out=y)
-        else:
-            buffer, out = base.new_empty(units * rows * base.shape[1]), x.new_empty(units * x.shape[1] * rows)
-            for r in _blocks(base.shape[0], rows):
-                w = _merge_rows(buffer, base, deltas, scores, alpha, r)
-                b = None if bias is None else bias[:, r]
-                y[..., r] = _apply(x, w, b, out=out[: w.shape[0] * x.shape[1] * w.shape[1]].view(*x.shape[:2], -1))
+        buffer = base.new_empty(units * (base.shape[0] if keep else rows) * base.shape[1])
+        for r in _blocks(base.shape[0], rows):
+            w = _merge_rows(buffer, base, deltas, scores, alpha, r, kept=keep)
+            _apply(x, w, None if bias is None else bias[:, r], out=y[..., r])
         ctx.alpha, ctx.rows = alpha, rows
-        ctx.save_for_backward(x, base, deltas, scores, weight, delta_bias)
+        ctx.save_for_backward(x, base, deltas, scores, buffer if keep else None, delta_bias)
         return y
 
     @staticmethod
@@ -100,25 +101,26 @@ class _MergedLinear(torch.autograd.Function):
         grad_deltas = torch.empty_like(deltas) if need_deltas else None
         grad_scores = scores.new_zeros(units, n) if need_scores else None
         need_w = need_base or need_deltas or need_scores
-        buffer = None
-        if weight is None:
-            buffer = base.new_empty(units * rows * base.shape[1])
-        elif need_w and _graph_is_kept():  # the kept weights must survive this pass
-            buffer = torch.empty_like(weight).view(-1)
+        scratch = None  # where ∂Ŵ of a tile goes, unless it can overwrite the kept weights
+        if weight is None or (need_w and _graph_is_kept()):
+            scratch = base.new_empty(units * rows * base.shape[1])
         scaled = scores.t() * alpha  # [n, units]
         for r in _blocks(base.shape[0], rows):
-            w = weight if weight is not None else _merge_rows(buffer, base, deltas, scores, alpha, r)
+            if weight is None:
+                w = _merge_rows(scratch, base, deltas, scores, alpha, r, kept=False)
+            else:
+                w = _tile(weight, units, r, base.shape[1], kept=True)
             g = grad[..., r]
             if need_x:  # out= forms rather than in-place ones, which FLOP counters do not see
                 torch.baddbmm(grad_x, g, w, beta=0.0 if r.start == 0 else 1.0, out=grad_x)
             if not need_w:
                 continue
-            target = w if buffer is None or weight is None else buffer.view_as(w)  # Ŵ is dead once ∂x is known
+            target = w if scratch is None else _tile(scratch, units, r, base.shape[1], kept=False)
             gw = torch.bmm(g.transpose(1, 2), x, out=target).view(units, -1)
             if need_base:
                 torch.sum(gw, 0, out=grad_base[r].view(-1))
             if need_deltas:
-                grad_deltas[:, r] = torch.mm(scaled, gw).view(n, -1, base.shape[1])
+                torch.mm(scaled, gw, out=grad_deltas[:, r].view(n, -1))
             if need_scores:
                 torch.addmm(grad_scores, gw, deltas[:, r].reshape(n, -1).t(), out=grad_scores)
         if need_scores:
@@ -130,15 +132,7 @@ class _MergedLinear(torch.autograd.Function):
             grad_dbias = torch.mm(scores.t(), grad_b).mul_(alpha) if need_dbias else None
             if need_scores:
                 torch.addmm(grad_scores, grad_b, delta_bias.t(), alpha=alpha, out=grad_scores)
-        return (
-            grad_x,
-            grad_base,
-            grad_deltas,
-            grad_scores,
-            None,
-            grad_bias,
-            grad_dbias,
-        )
+        return grad_x, grad_base, grad_deltas, grad_scores, None, grad_bias, grad_dbias
 
 
 def _blocks(n: int, size: int):
@@ -146,13 +140,20 @@ def _blocks(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
-def _merge_rows(buffer: torch.Tensor, base, deltas, scores, alpha, rows: slice) -> torch.Tensor:
-    """The merged weights' output rows `rows` for every unit, `[units, len(rows), I]`, in `buffer`."""
-    n, width = deltas.shape[0], base.shape[1]
+def _tile(buffer: torch.Tensor, units: int, rows: slice, width: int, *, kept: bool) -> torch.Tensor:
+    """The `[units, len(rows), width]` tile of `buffer`: at its place among all tiles where the
+    buffer keeps every tile (tile after tile, each contiguous), else at the buffer's start."""
     count = rows.stop - rows.start
-    flat = buffer[: scores.shape[0] * count * width].view(scores.shape[0], -1)
-    torch.addmm(base[rows].reshape(1, -1), scores, deltas[:, rows].reshape(n, -1), alpha=alpha, out=flat)
-    return flat.view(scores.shape[0], count, width)
+    start = units * rows.start * width if kept else 0
+    return buffer[start : start + units * count * width].view(units, count, width)
+
+
+def _merge_rows(buffer: torch.Tensor, base, deltas, scores, alpha, rows: slice, *, kept: bool) -> torch.Tensor:
+    """The merged weights' output rows `rows` for every unit, `[units, len(rows), I]`, in `buffer`."""
+    n, units = deltas.shape[0], scores.shape[0]
+    w = _tile(buffer, units, rows, base.shape[1], kept=kept)
+    torch.addmm(base[rows].reshape(1, -1), scores, deltas[:, rows].reshape(n, -1), alpha=alpha, out=w.view(units, -1))
+    return w
 
 
 def _apply(x, weight, bias, out=None) -> torch.Tensor:
