@@ -25,7 +25,11 @@ def main(cfg: DictConfig) -> float | None:
         known = classify(e)
         if known is None:
             raise
-        print(f"error: {known[1]}", file=sys.stderr)
+        print(f"error: {known[1]}", file=sys.stderr, flush=True)
+        if getattr(e, "every_rank", False):  # raised by every rank at one point, so this cannot deadlock:
+            from camex import distributed  # none exits (and has torchrun kill the others mid-line) first
+
+            distributed.barrier()
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one trial of a sweep: the sweeper records it as failed and goes on
         sys.exit(known[0])

@@ -88,6 +88,14 @@ def share_from_main(value: Any) -> Any:
     return box[0]
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    import torch
+
+    if world_size() > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def worker_hydra_overrides(argv: list[str]) -> list[str]:
     """Command-line overrides that keep Hydra on ranks > 0 from writing into the shared run directory.
 

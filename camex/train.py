@@ -276,7 +276,9 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
             claim = (None, str(e))
     resume_from, refused = distributed.share_from_main(claim)
     if refused:
-        raise ConfigError(refused)
+        error = ConfigError(refused)
+        error.every_rank = True  # run.py lets all ranks say it before any exits (see there)
+        raise error
     if spec.trainer.get("threads"):  # e.g. 1 per worker when a parallel launcher runs 2 trials on 2 cores
         torch.set_num_threads(spec.trainer["threads"])
     seed = cfg["seed"]
