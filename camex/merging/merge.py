@@ -15,17 +15,25 @@ def domain_vectors(experts: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return experts + base.neg().unsqueeze(0)
 
 
-def merge_flat(base: torch.Tensor, deltas: torch.Tensor, scores: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def merge_flat(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    scores: torch.Tensor,
+    alpha: float = 1.0,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One merged tensor per routed unit: `base + alpha · Σ_i scores[u, i] · deltas[i]`.
 
     `base` is `[*shape]`, `deltas` `[n, *shape]` (already masked and curved), `scores`
     `[units, n]`. Returns `[units, *shape]`. The rule is linear in the scores, so it is a single
     `[units, n] @ [n, prod(shape)]` product with `alpha` applied inside it: no `[units, n, *shape]`
-    tensor is formed and no scaled copy of the deltas either.
+    tensor is formed and no scaled copy of the deltas either. `out` (`[units, *shape]`) receives it.
     """
-    shape = base.shape
-    flat = torch.addmm(base.reshape(1, -1), scores.to(deltas.dtype), deltas.reshape(deltas.shape[0], -1), alpha=alpha)
-    return flat.view(scores.shape[0], *shape)
+    units, n = scores.shape[0], deltas.shape[0]
+    flat = None if out is None else out.view(units, -1)
+    flat = torch.addmm(base.reshape(1, -1), scores.to(deltas.dtype), deltas.reshape(n, -1), alpha=alpha, out=flat)
+    return flat.view(units, *base.shape)
 
 
 def _graph_is_kept() -> bool:
@@ -150,10 +158,8 @@ def _tile(buffer: torch.Tensor, units: int, rows: slice, width: int, *, kept: bo
 
 def _merge_rows(buffer: torch.Tensor, base, deltas, scores, alpha, rows: slice, *, kept: bool) -> torch.Tensor:
     """The merged weights' output rows `rows` for every unit, `[units, len(rows), I]`, in `buffer`."""
-    n, units = deltas.shape[0], scores.shape[0]
-    w = _tile(buffer, units, rows, base.shape[1], kept=kept)
-    torch.addmm(base[rows].reshape(1, -1), scores, deltas[:, rows].reshape(n, -1), alpha=alpha, out=w.view(units, -1))
-    return w
+    w = _tile(buffer, scores.shape[0], rows, base.shape[1], kept=kept)
+    return merge_flat(base[rows], deltas[:, rows], scores, alpha, out=w)
 
 
 def _apply(x, weight, bias, out=None) -> torch.Tensor:
