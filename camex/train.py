@@ -32,6 +32,7 @@ class _CamexTrainerMixin:
     """Adds the MoE auxiliary loss to the logs and builds AdamW from `camex.optim` groups."""
 
     aux_owner: torch.nn.Module | None = None
+    decay_curvature = False  # merge.curvature_decay
     _aux_sum = 0.0
     _aux_count = 0
 
@@ -53,7 +54,7 @@ class _CamexTrainerMixin:
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             args = self.args
-            groups = parameter_groups(model or self.model, args.weight_decay)
+            groups = parameter_groups(model or self.model, args.weight_decay, decay_curvature=self.decay_curvature)
             adamw = torch.optim.AdamW
             ds_config = getattr(args, "hf_deepspeed_config", None)
             if ds_config is not None and ds_config.is_offload():
@@ -305,6 +306,7 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
         preprocess_logits_for_metrics=prepared.preprocess_logits,
     )
     trainer.aux_owner = target
+    trainer.decay_curvature = spec.options.curvature_decay
 
     params = redact_secrets({k: v for k, v in cfg.items() if k not in CONTROL_KEYS and k != "hydra"})
     tags = {

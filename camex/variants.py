@@ -59,6 +59,7 @@ class MoEOptions:
     noisy: bool = True
     aux_coef: float = 0.01
     ep_beta: float = 1.0
+    curvature_decay: bool = False  # True: weight-decay the curvature factors, as the released code does
     layers: tuple[int, ...] | None = None  # transformer blocks to upcycle; None = all
 
     def __post_init__(self) -> None:
