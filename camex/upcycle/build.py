@@ -139,7 +139,7 @@ def build_layers(plan: Plan, variant: MergeVariant, options: MoEOptions) -> list
         layer.load_dense(weight.detach(), None if bias is None else bias.detach())
         layers.append(layer)
     for chain in chains:
-        ExpertChain([layers[i] for i in chain], beta=options.ep_beta)
+        ExpertChain([layers[i] for i in chain], beta=options.ep_beta).start_from_dense()
     for site, layer in zip(sites, layers):
         setattr(site.parent, site.attr, layer)
     return layers
