@@ -186,3 +186,10 @@ def test_ep_camex_equals_dense_at_step0_for_any_rank_alpha_beta(make):
             with torch.no_grad():
                 got = moe(**batch).logits
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=f"r={rank} α={alpha} β={beta} train={mode}")
+
+
+def test_ep_camex_refuses_alpha_zero():
+    """α = 0 pins every later layer to its propagated base: no experts make it the dense layer."""
+    dense, _, _ = _deep_tiny_gpt2()
+    with pytest.raises(ValueError, match=r"merge\.alpha=0"):
+        upcycle(dense, "ep_camex", MoEOptions(num_experts=2, alpha=0.0))
