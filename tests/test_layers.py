@@ -105,6 +105,31 @@ def test_eval_cache_invalidated_by_load_state_dict(gen):
         torch.testing.assert_close(model(**batch).logits, other(**batch).logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("through_train", [False, True], ids=["eval_only", "train_then_eval"])
+@pytest.mark.parametrize("variant", ["camex_ties", "ep_camex"])
+def test_eval_cache_follows_writes_through_data(variant, through_train, gen):
+    """`p.data.mul_()` (DeepSpeed, EMA-style code) bumps no version counter; entering eval mode
+    again drops the cache, so the next evaluation sees the new values."""
+    tiny = TINY["bert"]
+    torch.manual_seed(0)
+    model = upcycle(tiny.make(), variant, MoEOptions(num_experts=3, rank=2))
+    _perturb(model)
+    batch = tiny.batch(gen)
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits  # builds the cache
+    model.train(through_train)
+    for layer in (m for m in model.modules() if isinstance(m, MergedExpertLinear)):
+        for p in layer.merge_parameters():
+            p.data.mul_(0.5)
+    model.eval()
+    with torch.no_grad():
+        cached = model(**batch).logits
+    fresh = model(**batch).logits  # autograd on: no cache
+    assert not torch.allclose(fresh, before)
+    torch.testing.assert_close(cached, fresh, atol=0, rtol=0)
+
+
 # -- no [units, n, O, I] tensor, no r copies of τ -----------------------------------------
 
 

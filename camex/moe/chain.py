@@ -49,6 +49,10 @@ class ExpertChain:
         """A new forward pass with autograd: links must be rebuilt in its graph."""
         self._pass += 1
 
+    def forget(self) -> None:
+        """Drop the memoised links (a layer entering train or eval mode calls this)."""
+        self._memo.clear()
+
     def parameters_through(self, index: int) -> list[torch.Tensor]:
         return [p for layer in self.layers[: index + 1] for p in layer.merge_parameters()]
 
@@ -81,7 +85,7 @@ class ExpertChain:
                     experts.copy_(base + (experts - base) / scale)
 
         self._links(before_curve=fit)
-        self._memo.clear()
+        self.forget()
 
     def _links(self, before_curve: BaseHook | None = None) -> list[Link]:
         first = self.layers[0]

@@ -135,6 +135,13 @@ class MergedExpertLinear(nn.Module):
         self._eval_cache.clear()
         return self._operands()
 
+    def train(self, mode: bool = True) -> MergedExpertLinear:
+        """Entering train or eval mode drops the cached operands (see `camex.moe.cache`)."""
+        self._eval_cache.clear()
+        if self.chain is not None:
+            self.chain.forget()
+        return super().train(mode)
+
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.chain is not None and self.chain_index == 0 and torch.is_grad_enabled():
