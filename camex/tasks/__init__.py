@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from camex.tasks.base import ModelInfo, Prepared
-from camex.tasks.config import FAMILIES, validate
+from camex.tasks.config import validate
 from camex.tasks.errors import TaskError
+from camex.tasks.families import FAMILIES
 
 __all__ = ["FAMILIES", "ModelInfo", "Prepared", "TaskError", "check", "prepare"]
 

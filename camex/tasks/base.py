@@ -25,6 +25,16 @@ class ModelInfo:
     image_std: tuple[float, ...] | None = None
 
 
+@dataclass(frozen=True)
+class DataNeed:
+    """What a task family asks of a data source (declared in `families`, read by `sources`)."""
+
+    family: str
+    columns: tuple[str, ...]  # the raw columns the family reads
+    local_suffixes: tuple[str, ...] | None  # local file types it takes; None: image folders
+    single_eval: bool  # its metric needs per-example side data, so one eval split only
+
+
 @dataclass
 class Prepared:
     train: Any  # a datasets.Dataset (or torch Dataset) of model inputs with labels

@@ -1,7 +1,8 @@
 """Per-value converters for raw data columns: they normalise a value or say what was expected.
 
 Each converter is idempotent, so the same one checks a local file row by row (where an error can
-name the line) and normalises hub rows inside the tokenisation map.
+name the line) and normalises hub rows inside the tokenisation map. A family's `Spec` maps each
+column it reads to its converter.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from camex.tasks.errors import TaskError
+
 Converter = Callable[[Any], Any]
+Spec = dict[str, Converter]  # column -> converter; the columns a family reads
 
 
 def text(value: Any) -> str:
@@ -77,3 +81,16 @@ def group_id(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         raise ValueError(f"expected a question id (string or integer), got {value!r}")
     return str(value)
+
+
+def convert_rows(rows: list[dict], spec: Spec, origin: str) -> Any:
+    """In-memory rows (a packaged source) as a datasets.Dataset, checked like a local file."""
+    from datasets import Dataset
+
+    out = []
+    for i, record in enumerate(rows, 1):
+        try:
+            out.append({c: convert(record[c]) for c, convert in spec.items()})
+        except (KeyError, ValueError) as e:
+            raise TaskError(f"{origin}: row {i}: {e}") from None
+    return Dataset.from_list(out)

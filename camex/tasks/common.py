@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from camex.tasks.columns import Spec
+from camex.tasks.families import need
 from camex.tasks.sources import data_seed, load_splits, subsample
 
 MetricFn = Callable[[Any], dict[str, float]]  # EvalPrediction-like -> {metric: value}
@@ -17,9 +19,14 @@ def map_evals(fn: Callable[[Any], Any], evals: Any) -> Any:
     return {k: fn(v) for k, v in evals.items()} if isinstance(evals, Mapping) else fn(evals)
 
 
-def load_subsampled(cfg: dict, spec: dict, seed: int) -> tuple[Any, Any]:
+def load_raw(cfg: dict, spec: Spec, seed: int) -> tuple[Any, Any]:
+    """Raw (train, eval) rows of the spec's columns, from whichever source the config names."""
+    return load_splits(cfg, spec, need(cfg), seed)
+
+
+def load_subsampled(cfg: dict, spec: Spec, seed: int) -> tuple[Any, Any]:
     """Raw (train, eval) with max_train_samples / max_eval_samples applied."""
-    train, evals = load_splits(cfg, spec, seed)
+    train, evals = load_raw(cfg, spec, seed)
     s = data_seed(cfg, seed)
     train = subsample(train, cfg["max_train_samples"], s)
     evals = map_evals(lambda d: subsample(d, cfg["max_eval_samples"], s), evals)

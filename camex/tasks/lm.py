@@ -21,9 +21,9 @@ import numpy as np
 
 from camex.tasks import columns, metrics
 from camex.tasks.base import ModelInfo, Prepared
-from camex.tasks.common import MetricFn, extra, map_evals, unpack
+from camex.tasks.common import MetricFn, extra, load_raw, map_evals, unpack
 from camex.tasks.errors import TaskError
-from camex.tasks.sources import data_seed, load_splits, subsample
+from camex.tasks.sources import data_seed, subsample
 
 
 @dataclass
@@ -101,7 +101,7 @@ def blocks(ds: Any, cfg: dict, tokenizer: Any, keep_remainder: bool, where: str)
 
 
 def prepare(cfg: dict, *, tokenizer: Any, model: ModelInfo, seed: int) -> Prepared:
-    raw_train, raw_eval = load_splits(cfg, {cfg["text_field"]: columns.text}, seed)
+    raw_train, raw_eval = load_raw(cfg, {cfg["text_field"]: columns.text}, seed)
     s = data_seed(cfg, seed)
     train = subsample(blocks(raw_train, cfg, tokenizer, False, "train"), cfg["max_train_samples"], s)
     evals = map_evals(

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from camex.tasks.base import DataNeed
+from camex.tasks.columns import Spec, convert_rows
 from camex.tasks.errors import TaskError
 
 Rows = list[dict[str, Any]]
@@ -143,9 +145,9 @@ SOURCES: dict[str, Source] = {
 }
 
 
-def validate(cfg: dict, family: str) -> None:
-    from camex.tasks.config import expected_columns
-
+def validate(cfg: dict, need: DataNeed) -> None:
+    """`task.packaged` names an installed source that serves this family and its columns."""
+    family = need.family
     pkg = cfg["packaged"]
     if not isinstance(pkg, dict) or not set(pkg) <= {"source", "eval_fraction", "max_documents"}:
         raise TaskError(f"task.packaged={pkg!r}: expected {{source, eval_fraction, max_documents (optional)}}")
@@ -164,7 +166,7 @@ def validate(cfg: dict, family: str) -> None:
     if cap is not None and (not src.documents or isinstance(cap, bool) or not isinstance(cap, int) or cap < 2):
         why = "an integer >= 2 or null" if src.documents else f"null (source {name} has no documents to cap)"
         raise TaskError(f"task.packaged.max_documents={cap!r}: expected {why}")
-    missing = [c for c in expected_columns(cfg) if c not in src.columns]
+    missing = [c for c in need.columns if c not in src.columns]
     if missing:
         raise TaskError(
             f"task.packaged.source={name!r} has no column {missing[0]!r}; its columns: {', '.join(src.columns)}"
@@ -184,10 +186,8 @@ def split_indices(n: int, groups: list[Any] | None, eval_fraction: float, seed: 
     return train, evals
 
 
-def load(cfg: dict, spec: dict, seed: int) -> tuple[Any, Any]:
+def load(cfg: dict, spec: Spec, seed: int) -> tuple[Any, Any]:
     """(train, eval) datasets.Dataset from a packaged source, rows checked like a local file."""
-    from camex.tasks.sources import convert_rows
-
     pkg = cfg["packaged"]
     src = SOURCES[pkg["source"]]
     rows, groups = src.read(_root(src.module), pkg.get("max_documents"))
@@ -203,7 +203,7 @@ def load(cfg: dict, spec: dict, seed: int) -> tuple[Any, Any]:
     )
 
 
-def _images(rows: Rows, cfg: dict, spec: dict) -> Any:
+def _images(rows: Rows, cfg: dict, spec: Spec) -> Any:
     from datasets import Dataset, Features, Image, Value
 
     image_col, label_col = cfg["image_field"], cfg["label_field"]
