@@ -1,6 +1,6 @@
 """Estimated A100-hours per paper table, from FLOPs: an ESTIMATE, not a measurement.
 
-    python scripts/estimate_gpu_hours.py                 # the Markdown table in the README
+    python scripts/estimate_gpu_hours.py                 # the Markdown table in docs/gpu.md
     python scripts/estimate_gpu_hours.py --mfu 0.5 --precision bf16
 
 For every run of a table's sweep (read from its experiment preset in conf/experiment), the FLOPs of

@@ -2,7 +2,7 @@
 
 Subprocess runs of `run.py` (tiny BERT, fixture files) with faults injected through the
 environment (`camex/faults.py`): signals, a SIGKILL in the middle of a checkpoint save, a NaN
-loss, an unreachable tracking server, malformed data. The README's "Reliability" table points here.
+loss, an unreachable tracking server, malformed data. The "Reliability" table in docs/reliability.md points here.
 """
 
 from __future__ import annotations
@@ -334,7 +334,8 @@ class _Tok:
 
 def test_mlflow_servers_and_uis_bind_localhost():
     """Every `mlflow ui` / `mlflow server` command we print or document names --host 127.0.0.1."""
-    files = [ROOT / "README.md", ROOT / "run.py", *(ROOT / "camex").rglob("*.py"), *(ROOT / "conf").rglob("*.yaml")]
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "run.py", *(ROOT / "camex").rglob("*.py")]
+    files += list((ROOT / "conf").rglob("*.yaml"))
     files += list((ROOT / "hydra_plugins").rglob("*.py")) if (ROOT / "hydra_plugins").is_dir() else []
     commands = 0
     for path in files:

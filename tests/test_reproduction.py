@@ -149,14 +149,14 @@ def test_committed_report_numbers_come_from_its_runs():
                 continue
             assert float(cell["mean"]) == pytest.approx(statistics.mean(values), rel=1e-12)
             assert float(cell["std"]) == pytest.approx(statistics.stdev(values), rel=1e-9)
-    readme = (ROOT / "README.md").read_text()
-    for image in re.findall(r"\]\((reports/cpu_mini/[^)]+\.png)\)", readme):
+    page = (ROOT / "docs" / "cpu_mini.md").read_text()
+    for image in re.findall(r"\]\(\.\./(reports/cpu_mini/[^)]+\.png)\)", page):
         assert (ROOT / image).is_file(), image
     generated = "\n".join((COMMITTED / "tables" / f"{t}.md").read_text() for t in ("other__minilm", "other__small_gpt2",
                                                                                  "other__small_vit"))  # fmt: skip
-    section = readme[readme.index("**Headline table**"):readme.index("**Findings.**")]
+    section = page[page.index("**Headline table**"):page.index("**Findings.**")]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| row")]
-    assert len(rows) == 9 + 4 + 2 and all(line in generated for line in rows)  # the README shows the report's cells
+    assert len(rows) == 9 + 4 + 2 and all(line in generated for line in rows)  # the docs show the report's cells
 
 
 def test_committed_tables_rebuild_from_the_committed_mlflow_store(tmp_path):
