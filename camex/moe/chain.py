@@ -80,6 +80,8 @@ class ExpertChain:
             scale = layer.alpha * (layer.curvature.rank if layer.curvature is not None else 1)
             if scale == 0:
                 raise ValueError("merge.alpha=0 leaves EP-CAMEx's later layers at the propagated base; allowed: α ≠ 0")
+            if scale == 1:  # E_i = W_l already; skipping keeps them bit-exact (no b + (w − b) rounding)
+                return
             for experts, base in ((layer.expert_weight, base_w), (layer.expert_bias, base_b)):
                 if experts is not None and base is not None:
                     experts.copy_(base + (experts - base) / scale)
