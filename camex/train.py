@@ -164,6 +164,15 @@ def _sample_limits(task_cfg: dict, trainer_cfg: dict) -> dict:
     return out
 
 
+def pad_like_released(prepared: tasks.Prepared, spec: RunSpec) -> None:
+    """With the released padding-inclusive sequence mean (merge.padding_mean=include) a sequence's
+    routing scores depend on how much padding it carries; the released collator pads every batch to
+    max_length, so do the same, or the scores would depend on the lengths of the batch-mates."""
+    collator, length = prepared.collator, spec.task.get("max_length")
+    if spec.options.padding_mean == "include" and length and hasattr(collator, "padding"):
+        collator.padding, collator.max_length = "max_length", length
+
+
 def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str | None:
     """The checkpoint to resume from; refuses to clobber an earlier run unless told to."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -286,6 +295,7 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
 
     tokenizer = models.load_tokenizer(spec.model)
     prepared = tasks.prepare(_sample_limits(spec.task, spec.trainer), tokenizer=tokenizer, model=spec.info, seed=seed)
+    pad_like_released(prepared, spec)
     model = models.build_model(spec.model, head=prepared.head, num_labels=prepared.num_labels, tokenizer=tokenizer)
     target = model.model if isinstance(model, models.VisionClassifier) else model
     try:
