@@ -50,6 +50,17 @@ class _CamexTrainerMixin:
             self._aux_sum, self._aux_count = 0.0, 0
         super().log(logs, start_time)
 
+    score_generations = False  # set from the task (SQuAD windows): return each generation's score too
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        loss, preds, labels = super().prediction_step(
+            model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+        )
+        if self.score_generations and preds is not None and not prediction_loss_only:
+            pad = self.processing_class.pad_token_id
+            preds = (preds, generation_scores(model, inputs, preds, pad)[:, None])
+        return loss, preds, labels
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             args = self.args
@@ -64,6 +75,19 @@ class _CamexTrainerMixin:
                 groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
             )
         return self.optimizer
+
+
+@torch.no_grad()
+def generation_scores(model, inputs: dict, generated: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Mean token log-probability of each generated answer under `model` (teacher-forced on the
+    generation itself): how confident the model is in what it generated, comparable across the
+    windows of one question. `generated` starts with the decoder start token and is padded."""
+    labels = generated[:, 1:].clone()
+    labels[labels == pad_id] = -100
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), labels=labels).logits
+    keep = labels != -100
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (logp * keep).sum(-1) / keep.sum(-1).clamp(min=1)
 
 
 def _trainer_classes(seq2seq: bool):
@@ -315,6 +339,7 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
         preprocess_logits_for_metrics=prepared.preprocess_logits,
     )
     trainer.aux_owner = target
+    trainer.score_generations = bool(prepared.extra.get("score_generations"))
 
     params = redact_secrets({k: v for k, v in cfg.items() if k not in CONTROL_KEYS and k != "hydra"})
     tags = {

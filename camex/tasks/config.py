@@ -67,6 +67,7 @@ FAMILIES: dict[str, Family] = {
             "max_target_length",
             "generation",
         ),
+        optional={"doc_stride": None},
         metrics=("exact_match", "f1"),
         needs_encoder_decoder=True,
         single_eval=True,
@@ -225,6 +226,9 @@ def _check_values(cfg: dict, family: str) -> None:
             if slot not in template:
                 raise _fail("input_template", template, f"must contain {slot}")
         _int(cfg, "max_target_length")
+        _int(cfg, "doc_stride", nullable=True)
+        if cfg.get("doc_stride") is not None and cfg["doc_stride"] >= cfg["max_length"] // 2:
+            raise _fail("doc_stride", cfg["doc_stride"], "null (truncate) or fewer tokens than half of task.max_length")
         if not isinstance(cfg["generation"], Mapping):
             raise _fail("generation", cfg["generation"], "expected a mapping of generate() arguments")
     if family == "wikiqa":
