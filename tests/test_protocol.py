@@ -59,6 +59,30 @@ def test_dry_run_prints_counts_hours_and_stages(capsys):
     assert "1. grid" in out and "3. seeds" in out and "4. report" in out
 
 
+def test_quick_keeps_the_one_point_preset(capsys):
+    assert protocol.main(["glue_table", "--quick", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "quick: 72 runs" in out and "experiment=glue_table" in out and "camex_optuna" not in out
+
+
+def test_pretraining_convergence_and_efficiency_presets_pick_their_models():
+    from hydra import compose, initialize_config_dir
+
+    def picked(*overrides: str) -> tuple[str, str, str]:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+        return cfg.task.name, cfg.model.name, cfg.trainer.name
+
+    assert picked("experiment=lm_pretrain") == ("lm/wikitext103_pretrain", "gpt2_scratch", "lm_pretrain")
+    assert picked("experiment=convergence", "task=lm/wikitext103_pretrain")[1:] == ("gpt2_scratch", "lm_pretrain")
+    assert picked("experiment=convergence", "task=glue/mrpc")[1:] == ("t5_base", "paper")
+    assert picked("experiment=efficiency", "task=lm/wikitext2")[1] == "gpt2"
+    assert picked("experiment=efficiency", "task=glue/rte")[1] == "t5_base"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model = compose(config_name="config", overrides=["model=gpt2_scratch"]).model
+    assert model.pretrained is None and model.max_length == 1024  # GPT2Config defaults: the 124M shapes
+
+
 def test_unknown_preset_is_one_line_and_exit_2(capsys):
     assert protocol.main(["cpu_mini_text"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
