@@ -213,19 +213,25 @@ def _estimate(plan: Plan) -> str:
 
 # ------------------------------------------------------------------------------------ report
 def _chosen(plan: Plan, storage: str, found: list[Any]) -> list[dict[str, Any]]:
+    """One row per cell (and per value of a `with_seeds` option, e.g. each ablated alpha): the
+    chosen grid point, its grid value, and the seeds' n, mean and std of the primary metric."""
     rows = []
     for best in found:
-        values = [t.value for t in _complete(storage, f"{plan.grid_study}-best-{best.slug}")
-                  if t.params.get("seed") in plan.seeds]  # fmt: skip
-        rows.append({
-            **best.group,
-            "chosen": {k: v for k, v in best.params.items() if k in plan.grid},
-            "grid_value": best.value,
-            "grid_trials": best.n_complete,
-            "n": len(values),
-            "mean": statistics.mean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else None,
-        })  # fmt: skip
+        by_option: dict[tuple, list[float]] = {}
+        for t in _complete(storage, f"{plan.grid_study}-best-{best.slug}"):
+            if t.params.get("seed") in plan.seeds:
+                by_option.setdefault(tuple(t.params.get(k) for k in plan.with_seeds), []).append(t.value)
+        for option, values in sorted(by_option.items(), key=lambda kv: str(kv[0])) or [((), [])]:
+            rows.append({
+                **best.group,
+                "chosen": {k: v for k, v in best.params.items() if k in plan.grid},
+                **({"with": dict(zip(plan.with_seeds, option))} if plan.with_seeds else {}),
+                "grid_value": best.value,
+                "grid_trials": best.n_complete,
+                "n": len(values),
+                "mean": statistics.mean(values) if values else None,
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+            })  # fmt: skip
     return rows
 
 
@@ -234,24 +240,21 @@ def write_chosen(rows: list[dict[str, Any]], out: Path, plan: Plan) -> None:
     (out / "protocol.json").write_text(
         json.dumps({"preset": plan.preset, "seeds": plan.seeds, "cells": rows}, indent=2)
     )
-    keys = list(plan.grid)
+    keys, options = list(plan.grid), list(plan.with_seeds)
     lines = [
         f"# {plan.preset}: configuration chosen per cell",
         "",
         f"Grid searched per cell: {', '.join(f'{k} {_text(v)}' for k, v in plan.grid.items())}; chosen by the "
         f"validation metric; then rerun with seeds {plan.seeds} (mean ± std below, the primary metric).",
         "",
-        "| task | model | merge | " + " | ".join(keys) + " | grid value | n | mean ± std |",
-        "|---|---|---|" + "---|" * len(keys) + "---:|---:|---:|",
+        "| task | model | merge | " + " | ".join(keys + options) + " | grid value | n | mean ± std |",
+        "|---|---|---|" + "---|" * len(keys + options) + "---:|---:|---:|",
     ]
     for r in rows:
-        spread = (
-            f"{r['mean']:.4g} ± {r['std']:.2g}" if r["std"] is not None else (f"{r['mean']:.4g}" if r["n"] else "-")
-        )
-        chosen = " | ".join(str(r["chosen"].get(k, "")) for k in keys)
-        lines.append(
-            f"| {r['task']} | {r['model']} | {r['merge']} | {chosen} | {r['grid_value']:.4g} | {r['n']} | {spread} |"
-        )
+        spread = "-" if not r["n"] else f"{r['mean']:.4g}" + (f" ± {r['std']:.2g}" if r["std"] is not None else "")
+        chosen = [str(r["chosen"].get(k, "")) for k in keys] + [str(r.get("with", {}).get(k, "")) for k in options]
+        cell = f"| {r['task']} | {r['model']} | {r['merge']} | {' | '.join(chosen)} |"
+        lines.append(f"{cell} {r['grid_value']:.4g} | {r['n']} | {spread} |")
     (out / "protocol.md").write_text("\n".join(lines) + "\n")
 
 

@@ -206,3 +206,17 @@ def test_protocol_end_to_end_on_a_tiny_model(tmp_path):
     again = go()
     assert again.returncode == 0 and "seeds: 2 runs complete, skipped" in again.stdout
     assert len(list((tmp_path / "sweeps").glob("*/trial*/metrics.json"))) == 6  # 4 grid + 2 seeds, no more
+
+
+def test_ablation_protocol_reports_each_ablated_value_over_the_seeds(tmp_path, monkeypatch):
+    extra = ["task=glue/mrpc", "merge=camex", "trainer.batch_size=4,8", "trainer.learning_rate=1e-3,1e-4"]
+    plan = protocol.compose_plan("ablation_alpha", [0, 1], extra)
+    assert (len(plan.cells), plan.grid_trials, plan.seed_trials) == (1, 4, 12)
+    fake = FakeRunner(default_storage(tmp_path))
+    monkeypatch.setattr(protocol, "_run", fake)
+    assert protocol.run(plan, tmp_path) == 0
+    grid_cmd, seeds_cmd = fake.launched[0][1], fake.launched[1][1]
+    assert "merge.alpha=1.0" in grid_cmd  # the grid at the paper's alpha
+    assert "merge.alpha=0.5,0.6,0.7,0.8,0.9,1.0" in seeds_cmd and "trainer.learning_rate=0.0001" in seeds_cmd
+    rows = json.loads((tmp_path / "reports" / "ablation_alpha-protocol" / "protocol.json").read_text())["cells"]
+    assert [(r["with"]["merge.alpha"], r["n"]) for r in rows] == [(a, 2) for a in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
