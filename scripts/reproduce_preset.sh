@@ -4,8 +4,9 @@
 #   scripts/reproduce_preset.sh glue_table                      # in Docker: MLflow server + GPU container
 #   scripts/reproduce_preset.sh qa_table hydra/launcher=slurm   # extra arguments are Hydra overrides
 #   CAMEX_RUNNER=local scripts/reproduce_preset.sh glue_table   # this machine's Python, SQLite store
-#   scripts/reproduce_preset.sh glue_table --protocol           # the paper's protocol: grid -> best -> seeds
-#                                                               # -> report (python -m camex.protocol; docs/protocol.md)
+#   scripts/reproduce_preset.sh glue_table --protocol --seeds 3 -- task=glue/mrpc
+#       the paper's protocol: grid -> best -> seeds -> report (python -m camex.protocol and its options,
+#       Hydra overrides after --; docs/protocol.md)
 #
 # docker (default): builds the image, starts the tracking server (docker-compose.yml), runs the
 #   preset's sweep in the training service (CAMEX_NPROC > 1: under torchrun on that many GPUs) and
@@ -49,7 +50,7 @@ report_dir=reports/$preset
 if [[ $runner == local ]]; then
   outputs=$(cd "$CAMEX_OUTPUTS" && pwd)
   if ((protocol)); then  # resumable; the report lands in $outputs/reports/<preset>-protocol
-    exec python -m camex.protocol "$preset" --output-root "$outputs" -- "$@"
+    exec python -m camex.protocol "$preset" --output-root "$outputs" "$@"
   fi
   launch=(python run.py)
   ((nproc > 1)) && launch=(torchrun "--nproc_per_node=$nproc" run.py)
@@ -68,8 +69,10 @@ export GIT_COMMIT CAMEX_UID CAMEX_GID
 docker compose build
 docker compose up -d --wait mlflow
 if ((protocol)); then
-  docker compose run --rm --entrypoint python train -m camex.protocol "$preset" --output-root /app/outputs -- \
-    tracking.uri=http://mlflow:5000 "$@"
+  args=("$@")
+  [[ " ${args[*]} " == *" -- "* ]] || args+=(--)
+  docker compose run --rm --entrypoint python train -m camex.protocol "$preset" --output-root /app/outputs \
+    "${args[@]}" tracking.uri=http://mlflow:5000
   echo "report: $CAMEX_OUTPUTS/reports/$preset-protocol   runs: http://127.0.0.1:${MLFLOW_PORT:-5000}"
   exit 0
 fi

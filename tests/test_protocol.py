@@ -220,3 +220,14 @@ def test_ablation_protocol_reports_each_ablated_value_over_the_seeds(tmp_path, m
     assert "merge.alpha=0.5,0.6,0.7,0.8,0.9,1.0" in seeds_cmd and "trainer.learning_rate=0.0001" in seeds_cmd
     rows = json.loads((tmp_path / "reports" / "ablation_alpha-protocol" / "protocol.json").read_text())["cells"]
     assert [(r["with"]["merge.alpha"], r["n"]) for r in rows] == [(a, 2) for a in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+
+
+def test_reproduce_script_runs_the_protocol(tmp_path):
+    env = {**os.environ, "CAMEX_RUNNER": "local", "CAMEX_OUTPUTS": str(tmp_path / "out"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    cmd = ["bash", "scripts/reproduce_preset.sh", "glue_table", "--protocol", "--dry-run", "--seeds", "2", "--",
+           "task=glue/mrpc"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "9 cells x 16 points" in proc.stdout and "9 cells x 2 seeds = 18 runs" in proc.stdout
+    assert f"paths.output_root={tmp_path / 'out'}" in proc.stdout
