@@ -152,11 +152,21 @@ def _check_run_keys(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"paths={paths!r} is invalid; allowed: paths.output_root and paths.run_dir as folder paths")
 
 
+def _check_required_task(cfg: dict[str, Any]) -> None:
+    """An experiment preset made for some tasks only (e.g. released_glue) names them in
+    `requires_task`; any other task is refused rather than silently trained on."""
+    allowed, task = cfg.get("requires_task"), cfg["task"].get("name")
+    if allowed is not None and task not in allowed:
+        name = cfg.get("experiment_name")
+        raise ConfigError(f"experiment {name} needs task= one of {list(allowed)}; got task={task}")
+
+
 def validate(cfg: dict[str, Any]) -> RunSpec:
     """`cfg` is the resolved config as plain containers."""
     for group in ("task", "model", "merge", "trainer", "tracking"):
         if not isinstance(cfg.get(group), dict):
             raise ConfigError(f"{group} is missing: choose one, e.g. {group}=<name>")
+    _check_required_task(cfg)
     _check_run_keys(cfg)
     if not _is_integer(cfg.get("seed")):
         raise ConfigError(f"seed={cfg.get('seed')!r} is invalid; allowed: an integer")

@@ -51,6 +51,17 @@ class _CamexTrainerMixin:
             self._aux_sum, self._aux_count = 0.0, 0
         super().log(logs, start_time)
 
+    score_generations = False  # set from the task (SQuAD windows): return each generation's score too
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        loss, preds, labels = super().prediction_step(
+            model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+        )
+        if self.score_generations and preds is not None and not prediction_loss_only:
+            pad = self.processing_class.pad_token_id
+            preds = (preds, generation_scores(model, inputs, preds, pad)[:, None])
+        return loss, preds, labels
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             args = self.args
@@ -65,6 +76,19 @@ class _CamexTrainerMixin:
                 groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
             )
         return self.optimizer
+
+
+@torch.no_grad()
+def generation_scores(model, inputs: dict, generated: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Mean token log-probability of each generated answer under `model` (teacher-forced on the
+    generation itself): how confident the model is in what it generated, comparable across the
+    windows of one question. `generated` starts with the decoder start token and is padded."""
+    labels = generated[:, 1:].clone()
+    labels[labels == pad_id] = -100
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), labels=labels).logits
+    keep = labels != -100
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (logp * keep).sum(-1) / keep.sum(-1).clamp(min=1)
 
 
 def _trainer_classes(seq2seq: bool):
@@ -163,6 +187,15 @@ def _sample_limits(task_cfg: dict, trainer_cfg: dict) -> dict:
         caps = [c for c in (task_cfg.get(key), trainer_cfg.get(key)) if c is not None]
         out[key] = min(caps) if caps else None
     return out
+
+
+def pad_like_released(prepared: tasks.Prepared, spec: RunSpec) -> None:
+    """With the released padding-inclusive sequence mean (merge.padding_mean=include) a sequence's
+    routing scores depend on how much padding it carries; the released collator pads every batch to
+    max_length, so do the same, or the scores would depend on the lengths of the batch-mates."""
+    collator, length = prepared.collator, spec.task.get("max_length")
+    if spec.options.padding_mean == "include" and length and hasattr(collator, "padding"):
+        collator.padding, collator.max_length = "max_length", length
 
 
 def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str | None:
@@ -287,6 +320,7 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
 
     tokenizer = models.load_tokenizer(spec.model)
     prepared = tasks.prepare(_sample_limits(spec.task, spec.trainer), tokenizer=tokenizer, model=spec.info, seed=seed)
+    pad_like_released(prepared, spec)
     model = models.build_model(spec.model, head=prepared.head, num_labels=prepared.num_labels, tokenizer=tokenizer)
     target = model.model if isinstance(model, models.VisionClassifier) else model
     try:
@@ -307,6 +341,7 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
     )
     trainer.aux_owner = target
     trainer.decay_curvature = spec.options.curvature_decay
+    trainer.score_generations = bool(prepared.extra.get("score_generations"))
 
     params = redact_secrets({k: v for k, v in cfg.items() if k not in CONTROL_KEYS and k != "hydra"})
     tags = {

@@ -4,6 +4,9 @@
 #   scripts/reproduce_preset.sh glue_table                      # in Docker: MLflow server + GPU container
 #   scripts/reproduce_preset.sh qa_table hydra/launcher=slurm   # extra arguments are Hydra overrides
 #   CAMEX_RUNNER=local scripts/reproduce_preset.sh glue_table   # this machine's Python, SQLite store
+#   scripts/reproduce_preset.sh glue_table --protocol --seeds 3 -- task=glue/mrpc
+#       the paper's protocol: grid -> best -> seeds -> report (python -m camex.protocol and its options,
+#       Hydra overrides after --; docs/protocol.md)
 #
 # docker (default): builds the image, starts the tracking server (docker-compose.yml), runs the
 #   preset's sweep in the training service (CAMEX_NPROC > 1: under torchrun on that many GPUs) and
@@ -17,6 +20,11 @@ usage() { echo "usage: [CAMEX_RUNNER=docker|local] [CAMEX_NPROC=N] $0 PRESET [hy
 [[ $# -ge 1 && $1 != -* ]] || usage
 preset=$1
 shift
+protocol=0
+if [[ ${1:-} == --protocol ]]; then
+  protocol=1
+  shift
+fi
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -41,6 +49,9 @@ report_dir=reports/$preset
 
 if [[ $runner == local ]]; then
   outputs=$(cd "$CAMEX_OUTPUTS" && pwd)
+  if ((protocol)); then  # resumable; the report lands in $outputs/reports/<preset>-protocol
+    exec python -m camex.protocol "$preset" --output-root "$outputs" "$@"
+  fi
   launch=(python run.py)
   ((nproc > 1)) && launch=(torchrun "--nproc_per_node=$nproc" run.py)
   "${launch[@]}" -m "experiment=$preset" "paths.output_root=$outputs" "$@"
@@ -57,6 +68,14 @@ CAMEX_GID=$(id -g)
 export GIT_COMMIT CAMEX_UID CAMEX_GID
 docker compose build
 docker compose up -d --wait mlflow
+if ((protocol)); then
+  args=("$@")
+  [[ " ${args[*]} " == *" -- "* ]] || args+=(--)
+  docker compose run --rm --entrypoint python train -m camex.protocol "$preset" --output-root /app/outputs \
+    "${args[@]}" tracking.uri=http://mlflow:5000
+  echo "report: $CAMEX_OUTPUTS/reports/$preset-protocol   runs: http://127.0.0.1:${MLFLOW_PORT:-5000}"
+  exit 0
+fi
 if ((nproc > 1)); then
   docker compose run --rm --entrypoint torchrun train "--nproc_per_node=$nproc" run.py \
     tracking.uri=http://mlflow:5000 -m "experiment=$preset" "$@"

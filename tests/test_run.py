@@ -59,7 +59,7 @@ FAMILIES = {
     "classification": ["task=glue/mrpc", "model=tiny_bert", "task.max_length=64",
                        *_local("cls_train.jsonl", "cls_dev.csv")],
     "regression": ["task=glue/stsb", "model=tiny_bert", "merge=camex_dare", *_local("reg_train.jsonl", "reg_dev.json")],
-    "squad": ["task=qa/squad", "model=tiny_t5", "merge=camex", "task.max_length=96",
+    "squad": ["task=qa/squad", "model=tiny_t5", "merge=camex", "task.max_length=96", "task.doc_stride=32",
               *_local("squad_train.jsonl", "squad_dev.json")],
     "wikiqa": ["task=qa/wikiqa", "model=tiny_bert", "merge=ties", "task.max_length=64",
                *_local("wikiqa_train.jsonl", "wikiqa_dev.csv")],

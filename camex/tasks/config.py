@@ -95,6 +95,10 @@ def _check_values(cfg: dict, family: str) -> None:
             if slot not in template:
                 raise bad_value("input_template", template, f"must contain {slot}")
         _int(cfg, "max_target_length")
+        _int(cfg, "doc_stride", nullable=True)
+        if cfg.get("doc_stride") is not None and cfg["doc_stride"] >= cfg["max_length"] // 2:
+            allowed = "null (truncate) or fewer tokens than half of task.max_length"
+            raise bad_value("doc_stride", cfg["doc_stride"], allowed)
         if not isinstance(cfg["generation"], Mapping):
             raise bad_value("generation", cfg["generation"], "expected a mapping of generate() arguments")
     if family == "wikiqa":

@@ -55,6 +55,7 @@ FAMILIES: dict[str, Family] = {
             "max_target_length",
             "generation",
         ),
+        optional={"doc_stride": None},
         metrics=("exact_match", "f1"),
         needs_encoder_decoder=True,
         single_eval=True,

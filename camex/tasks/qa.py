@@ -1,9 +1,10 @@
 """Question answering: SQuAD v1.1 as text generation, WikiQA as yes/no answer selection.
 
 SQuAD (family `squad`, T5 only). Input `input_template` filled with the question and the context
-("question: … context: …"), truncated to `max_length` tokens from the right, so the question (first)
-is always kept and only the tail of a long context is cut; no sliding window (stride) is used, like
-the Hugging Face run_seq2seq_qa example: an answer in a cut tail cannot be produced. Target: the
+("question: … context: …"), at most `max_length` tokens. With `doc_stride` (the released 128) a
+longer context is read as overlapping windows and each question's answer is the generation of its
+most confident window (camex/tasks/qa_windows.py); with `doc_stride: null` the input is truncated
+from the right, so an answer in a cut tail cannot be produced. Target: the
 first gold answer, truncated to `max_target_length`. Eval generates an answer per example and
 scores EM / F1 (×100, official v1.1 normalisation) against every gold answer, keeping the max.
 Prepared: columns input_ids, attention_mask, labels (target ids; the collator pads labels with
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from camex.tasks import columns, metrics
+from camex.tasks import columns, metrics, qa_windows
 from camex.tasks.base import ModelInfo, Prepared
 from camex.tasks.common import MetricFn, extra, first_logits, load_subsampled, unpack
 
@@ -38,7 +39,11 @@ def squad_spec(cfg: dict) -> dict[str, columns.Converter]:
     }
 
 
-def _squad_tokenize(ds: Any, cfg: dict, tokenizer: Any) -> Any:
+def _squad_tokenize(ds: Any, cfg: dict, tokenizer: Any, *, train: bool = True) -> Any:
+    if cfg.get("doc_stride") is not None:  # one row per window, with its example's index
+        encode = qa_windows.batch_encoder(cfg, tokenizer, train=train)
+        desc = f"windows {cfg['name']}"
+        return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=desc)
     q, c, a = cfg["question_field"], cfg["context_field"], cfg["answers_field"]
     template = cfg["input_template"]
 
@@ -57,7 +62,11 @@ def _squad_tokenize(ds: Any, cfg: dict, tokenizer: Any) -> Any:
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenise {cfg['name']}")
 
 
-def squad_metrics_for(golds: list[list[str]], tokenizer: Any, names: list[str]) -> MetricFn:
+def squad_metrics_for(
+    golds: list[list[str]], tokenizer: Any, names: list[str], example_of: list[int] | None = None
+) -> MetricFn:
+    """`example_of`: with document stride, the example of each eval window; predictions are then
+    (generated ids, scores [N, 1]) per window, and the best-scored window answers its question."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def compute(eval_pred: Any) -> dict[str, float]:
@@ -67,9 +76,15 @@ def squad_metrics_for(golds: list[list[str]], tokenizer: Any, names: list[str]) 
                 "squad metrics need generated token ids [N, T]; evaluate with predict_with_generate "
                 f"(got predictions of shape {preds.shape}, dtype {preds.dtype})"
             )
-        if len(preds) != len(golds):
-            raise ValueError(f"{len(preds)} predictions for {len(golds)} eval examples (order must be kept)")
+        inputs = len(example_of or golds)
+        if len(preds) != inputs:
+            raise ValueError(f"{len(preds)} predictions for {inputs} eval inputs (order must be kept)")
         texts = tokenizer.batch_decode(np.where(preds < 0, pad, preds), skip_special_tokens=True)
+        if example_of is not None:
+            raw = getattr(eval_pred, "predictions", None)
+            raw = raw if raw is not None else eval_pred[0]
+            scores = np.asarray(raw[1]).reshape(-1) if isinstance(raw, tuple | list) else None
+            texts = qa_windows.select_answers(example_of, texts, scores, len(golds))
         scores = metrics.squad_scores([t.strip() for t in texts], golds)
         return {m: scores[m] for m in names}
 
@@ -81,19 +96,21 @@ def prepare_squad(cfg: dict, *, tokenizer: Any, model: ModelInfo, seed: int) -> 
 
     raw_train, raw_eval = load_subsampled(cfg, squad_spec(cfg), seed)
     golds = [columns.answers(v) for v in raw_eval[cfg["answers_field"]]]
-    train, evals = _squad_tokenize(raw_train, cfg, tokenizer), _squad_tokenize(raw_eval, cfg, tokenizer)
+    train, evals = _squad_tokenize(raw_train, cfg, tokenizer), _squad_tokenize(raw_eval, cfg, tokenizer, train=False)
+    example_of = evals["example"] if "example" in evals.column_names else None
+    train, evals = (d.remove_columns("example") if "example" in d.column_names else d for d in (train, evals))
     return Prepared(
         train=train,
         eval=evals,
         collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
         head="seq2seq",
         num_labels=0,
-        compute_metrics=squad_metrics_for(golds, tokenizer, list(cfg["metrics"])),
+        compute_metrics=squad_metrics_for(golds, tokenizer, list(cfg["metrics"]), example_of),
         primary_metric=cfg["primary_metric"],
         greater_is_better=cfg["greater_is_better"],
         preprocess_logits=None,  # predictions are generated ids already
         generation=dict(cfg["generation"]),
-        extra=extra(cfg, train, evals),
+        extra=extra(cfg, train, evals, score_generations=example_of is not None),
     )
 
 
