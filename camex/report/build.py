@@ -11,6 +11,7 @@ the verdicts, efficiency, figures; paper tables without any run collapse to one 
 from __future__ import annotations
 
 import csv
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,18 +147,28 @@ def _convergence(runs: list[Run], history: History, folder: Path) -> dict[str, d
             continue
         primary = group[0].primary_key() or "final_loss"
         eval_key = "eval_" + primary.removeprefix("final_")
-        rows = []
+        rows, diffs = [], {}
         for (ca, twin), panels in pairs.items():
+            by_seed = {m: {r.seed: r for r in merges[m]} for m in (ca, twin)}
+            pairable = all(len(by_seed[m]) == len(merges[m]) for m in (ca, twin))  # no repeated seed
+            seeds = sorted(set(by_seed[ca]) & set(by_seed[twin])) if pairable else []
+            diffs[(ca, twin)] = {}
             for panel, key in (("train_loss", "train_loss"), ("eval", eval_key)):
                 panels[panel] = {m: figures.band([history(r.run_id, key) for r in merges[m]]) for m in (twin, ca)}
                 for merge, b in panels[panel].items():
                     rows += [{"pair": f"{ca} vs {twin}", "panel": key, "merge": merge, "step": s, "mean": m,
                               "std": sd, "n": n} for s, m, sd, n in zip(b.steps, b.mean, b.std, b.n)]  # fmt: skip
+                d = figures.paired_band([(history(by_seed[ca][s].run_id, key), history(by_seed[twin][s].run_id, key))
+                                         for s in seeds])  # fmt: skip
+                diffs[(ca, twin)][panel] = d
+                rows += [{"pair": f"{ca} vs {twin}", "panel": key, "merge": f"{ca} - {twin} (paired)", "step": s,
+                          "mean": m, "ci_low": "" if lo is None else lo, "ci_high": "" if hi is None else hi, "n": n}
+                         for s, m, lo, hi, n in zip(d.steps, d.mean, d.low, d.high, d.n)]  # fmt: skip
         name = f"convergence__{task}__{model}".replace("/", "_")
-        fig = figures.convergence_figure(f"{task}, {model}", pairs, eval_key.removeprefix("eval_"))
+        fig = figures.convergence_figure(f"{task}, {model}", pairs, diffs, eval_key.removeprefix("eval_"))
         paths = figures.save(fig, folder, name)
         paths["csv"] = folder / f"{name}.csv"
-        _write_csv(paths["csv"], rows, ["pair", "panel", "merge", "step", "mean", "std", "n"])
+        _write_csv(paths["csv"], rows, ["pair", "panel", "merge", "step", "mean", "std", "ci_low", "ci_high", "n"])
         out[name] = paths
     return out
 
@@ -186,6 +197,7 @@ def _verdict_line(verdicts: list[PaperVerdict]) -> str:
 
 def build_report(runs: list[Run], reference: Reference, out: Path, history: History, selection: list[str]) -> Report:
     """Write every table and figure for `runs` under `out` and return what was written."""
+    history = functools.lru_cache(maxsize=None)(history)  # the paired panels read each curve again
     out.mkdir(parents=True, exist_ok=True)
     tables_dir, figures_dir = out / "tables", out / "figures"
     tables_dir.mkdir(exist_ok=True)

@@ -296,8 +296,9 @@ def comparison_grid(table: Table, family: str) -> Grid | None:
     legend = [
         f"Δ = row − vs, per seed where both ran the same seed (paired), else the difference of the means "
         f"(Welch). 95 % CI: t interval of the mean Δ. p (t): two-sided paired t-test (Welch's where unpaired); "
-        f"p Holm: Holm's correction over the {len(tests)} test{'s' * (len(tests) > 1)} of this table; p sign: exact two-sided sign test "
-        f"(ties dropped; with 3 seeds it cannot go below 0.25). Marks from p Holm: ** < 0.01, * < 0.05.",
+        f"p Holm: Holm's correction over the {len(tests)} test{'s' * (len(tests) > 1)} of this table; p sign: "
+        f"exact two-sided sign test (ties dropped; over n untied pairs it cannot go below 2^(1−n), 0.25 for 3). "
+        f"Marks from p Holm: ** < 0.01, * < 0.05.",
     ]
     if family == "twin":
         legend.append("Curvature diagnostic (last evaluation, mean over seeds): relative change of the curvature "
