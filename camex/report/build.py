@@ -164,6 +164,8 @@ def _convergence(runs: list[Run], history: History, folder: Path) -> dict[str, d
                 rows += [{"pair": f"{ca} vs {twin}", "panel": key, "merge": f"{ca} - {twin} (paired)", "step": s,
                           "mean": m, "ci_low": "" if lo is None else lo, "ci_high": "" if hi is None else hi, "n": n}
                          for s, m, lo, hi, n in zip(d.steps, d.mean, d.low, d.high, d.n)]  # fmt: skip
+        if not rows:  # no run logged a curve
+            continue
         name = f"convergence__{task}__{model}".replace("/", "_")
         fig = figures.convergence_figure(f"{task}, {model}", pairs, diffs, eval_key.removeprefix("eval_"))
         paths = figures.save(fig, folder, name)
@@ -220,7 +222,8 @@ def build_report(runs: list[Run], reference: Reference, out: Path, history: Hist
     for table in efficiency:
         grid = efficiency_grid(table)
         _write_grid(tables_dir, table.key, grid, to_csv(table))
-        blocks["efficiency"].append(("grid", grid))
+        if len(grid.header) > 1:  # else no run logged any efficiency metric
+            blocks["efficiency"].append(("grid", grid))
     verdicts = paper_verdicts(paper)
     _write_grid(tables_dir, "verdicts", verdict_grid(verdicts), _verdicts_csv(verdicts))
     report.findings = findings(results)

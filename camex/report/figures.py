@@ -160,7 +160,8 @@ def convergence_figure(
             for a in (ax, dax):
                 a.set_xlabel("step")
                 a.grid(alpha=0.3)
-                a.legend(fontsize=7)
+                if a.get_legend_handles_labels()[0]:
+                    a.legend(fontsize=7)
     fig.suptitle(f"{title}: mean over seeds (band ± 1 std); differences paired by seed (band: 95 % t interval); "
                  f"series of < {MIN_LINE_POINTS} points drawn as markers only")  # fmt: skip
     fig.tight_layout()

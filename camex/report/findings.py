@@ -29,6 +29,11 @@ def _task(table: Table, test: Test) -> str:
     return f"{test.column.task or test.column.label} ({table.model})"
 
 
+def _p(label: str, p: float | None) -> str:
+    text = fmt_p(p)
+    return f"{label} p {text}" if text.startswith("<") else f"{label} p = {text}"
+
+
 def sentence(table: Table, test: Test) -> str:
     """One sentence for one test, in the words and roundings of its comparison table."""
     c = test.result
@@ -46,13 +51,13 @@ def sentence(table: Table, test: Test) -> str:
     if c.kind == "paired":
         direction = "higher" if c.difference > 0 else "lower"
         parts.append(f"{direction} on {c.wins if c.difference > 0 else c.losses}/{c.n} seeds")
-        parts.append(f"paired t p = {fmt_p(c.p)}" if c.p is not None else "paired t undefined (" + c.reason + ")")
+        parts.append(_p("paired t", c.p) if c.p is not None else "paired t undefined (" + c.reason + ")")
         if c.p_holm is not None:
-            parts.append(f"Holm p = {fmt_p(c.p_holm)}")
+            parts.append(_p("Holm", c.p_holm))
         if c.p_sign is not None:
-            parts.append(f"sign test p = {fmt_p(c.p_sign)}")
+            parts.append(_p("sign test", c.p_sign))
     else:
-        parts.append(f"Welch p = {fmt_p(c.p)}, Holm p = {fmt_p(c.p_holm)} (seeds cannot be paired)")
+        parts.append(f"{_p('Welch', c.p)}, {_p('Holm', c.p_holm)} (seeds cannot be paired)")
     verdict = ""
     if c.p_holm is not None:
         verdict = " — significant after Holm" if c.p_holm < _ALPHA else " — not significant after Holm"

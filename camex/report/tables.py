@@ -328,7 +328,7 @@ def efficiency_grid(table: Table) -> Grid:
             constants.append(f"{column.label} = {fmt(present[0].mean, column.decimals)}")
             continue
         columns.append(column)
-    step = next((c for c in table.spec.columns if c.key == "train_steps_per_second"), None)
+    step = next((c for c in columns if c.key == "train_steps_per_second"), None)
     header = ["row"] + [c.label for c in columns] + (["step time × Euclidean twin"] if step else [])
     body = []
     for merge, label in rows:
