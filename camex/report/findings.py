@@ -84,8 +84,9 @@ def diagnostic_finding(tables: list[Table]) -> str:
             texts = diagnostic_texts(table.cells[(test.row, test.column.label)])
             if NOT_LOGGED not in texts:
                 row = ROW_LABEL.get(test.row, test.row)
-                logged.append(f"{row} on {_task(table, test)}: operator change median {texts[0]}, max {texts[1]}; "
-                              f"‖τ‖/‖E_m‖ {texts[2]}; merged-weight change {texts[3]}")  # fmt: skip
+                logged.append(f"{row} on {_task(table, test)}: operator change median {texts[0]}, max "
+                              f"{texts[1]}; ‖τ‖/‖E_m‖ {texts[2]}; merged-weight change mean {texts[3]}, max "
+                              f"{texts[4]}")  # fmt: skip
     if not total:
         return "Curvature diagnostic: no curvature-aware row has runs."
     if not logged:

@@ -31,7 +31,8 @@ DIAGNOSTIC: tuple[tuple[str, str], ...] = (
     ("‖M−M₀‖/‖M₀‖ median", "curvature_operator_change_median"),
     ("‖M−M₀‖/‖M₀‖ max", "curvature_operator_change_max"),
     ("‖τ‖/‖E_m‖ mean", "curvature_tau_ratio_mean"),
-    ("‖Ê_CA−Ê_Eucl‖/‖Ê_Eucl‖", "curvature_merged_change_mean"),
+    ("‖Ê_CA−Ê_Eucl‖/‖Ê_Eucl‖ mean", "curvature_merged_change_mean"),
+    ("‖Ê_CA−Ê_Eucl‖/‖Ê_Eucl‖ max", "curvature_merged_change_max"),
 )
 
 
