@@ -304,8 +304,8 @@ def comparison_grid(table: Table, family: str) -> Grid | None:
         legend.append("Curvature diagnostic (last evaluation, mean over seeds): relative change of the curvature "
                       "operators from their start, median and max over layers and experts; mean ‖τ_i‖/‖E_m‖; "
                       "relative change of the merged weights on one eval batch when the curvature is replaced by "
-                      f"the identity (mean and max over layers). {NOT_LOGGED}: the runs predate the "
-                      "diagnostic.")  # fmt: skip
+                      "the identity (mean and max over layers)." + (f" {NOT_LOGGED}: the runs predate the "
+                      "diagnostic." if any(NOT_LOGGED in row for row in body) else ""))  # fmt: skip
     title = f"Paired differences, {FAMILY_TITLE[family]} — {table.spec.title.split(' (')[0]}, model: {table.model}"
     return Grid(title, header, body, legend)
 
