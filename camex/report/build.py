@@ -244,7 +244,7 @@ def build_report(runs: list[Run], reference: Reference, out: Path, history: Hist
         paper_blocks.append(("p", _empty_line(empty)))
     twin = [f.text for f in report.findings if f.family == "twin"]
     dense = [f.text for f in report.findings if f.family == "dense"]
-    summary = f"{verdict_summary(verdicts)} of the paper; " if verdicts else ""
+    summary = f"Paper: {verdict_summary(verdicts)}. " if verdicts else ""
     report.blocks = [
         ("h2", "Findings"),
         ("p", f"{summary}{len(runs)} finished runs. Generated from the comparison tables below; every test pairs "
