@@ -259,6 +259,7 @@ def test_figures_are_drawn_from_tracked_values(store, report, report_all):
     assert _png_spread(fig.with_suffix(".png")) > 0.02 and "<path" in fig.with_suffix(".svg").read_text()
     curves = _read_csv(fig.with_suffix(".csv"))
     groups = _groups(runs)
+    by_seed: dict[str, dict[str, dict[int, float]]] = {}
     for merge in ("domain", "camex"):
         per_step = defaultdict(list)
         for r in groups[("glue/stsb", "tiny_bert", merge)]:
@@ -268,11 +269,19 @@ def test_figures_are_drawn_from_tracked_values(store, report, report_all):
                     first[m.step] = (m.timestamp, m.value)
             for step, (_, value) in first.items():
                 per_step[step].append(value)
+            by_seed.setdefault(merge, {})[r.data.tags["seed"]] = {step: v for step, (_, v) in first.items()}
         mine = [c for c in curves if c["merge"] == merge and c["panel"] == "eval_spearman"]
         got = {int(c["step"]): float(c["mean"]) for c in mine}
         assert got.keys() == per_step.keys() and len(got) == 2  # one evaluation per epoch
         for step, values in per_step.items():
             assert got[step] == pytest.approx(sum(values) / len(values), rel=1e-12)
+
+    # the paired-difference panel: per step, the mean over seeds of CA − twin on the same seed
+    diff = {int(c["step"]): c for c in curves if c["panel"] == "eval_spearman paired difference"}
+    for step, row in diff.items():
+        d = [by_seed["camex"][seed][step] - by_seed["domain"][seed][step] for seed in ("1", "2")]
+        assert float(row["mean"]) == pytest.approx(sum(d) / 2, rel=1e-12, abs=1e-12) and row["n"] == "2"
+    assert len(diff) == 2
 
     assert not list((report / "figures").glob("ablation_*"))  # one α value in the main experiment: no ablation
     abl = report_all / "figures" / "ablation_alpha__tiny_bert"

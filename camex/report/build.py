@@ -161,7 +161,7 @@ def _convergence(runs: list[Run], history: History, folder: Path) -> dict[str, d
                 d = figures.paired_band([(history(by_seed[ca][s].run_id, key), history(by_seed[twin][s].run_id, key))
                                          for s in seeds])  # fmt: skip
                 diffs[(ca, twin)][panel] = d
-                rows += [{"pair": f"{ca} vs {twin}", "panel": key, "merge": f"{ca} - {twin} (paired)", "step": s,
+                rows += [{"pair": f"{ca} vs {twin}", "panel": f"{key} paired difference", "merge": ca, "step": s,
                           "mean": m, "ci_low": "" if lo is None else lo, "ci_high": "" if hi is None else hi, "n": n}
                          for s, m, lo, hi, n in zip(d.steps, d.mean, d.low, d.high, d.n)]  # fmt: skip
         if not rows:  # no run logged a curve
