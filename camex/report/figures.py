@@ -99,7 +99,8 @@ def _draw_band(ax, b: Band, label: str, colour: str, style: str, marker: str, fa
         steps = [s + dodge * gap for s in steps]
         ax.set_xticks(b.steps)
         ax.set_xlim(b.steps[0] - 0.5 * gap, b.steps[-1] + 0.5 * gap)
-    ax.plot(steps, b.mean, linestyle=line, color=colour, marker=marker, markerfacecolor=face, markersize=6,
+    ax.plot(steps, b.mean, linestyle=line, color=colour, marker=marker, markerfacecolor=face,
+            markersize=6 if len(steps) < 12 else 4,
             label=label, zorder=z)  # fmt: skip
     lo = [m - s for m, s in zip(b.mean, b.std)]
     hi = [m + s for m, s in zip(b.mean, b.std)]
@@ -120,7 +121,8 @@ def _draw_diff(ax, d: DiffBand) -> None:
         gap = min((y - x for x, y in zip(d.steps, d.steps[1:])), default=1)
         ax.set_xticks(d.steps)
         ax.set_xlim(d.steps[0] - 0.5 * gap, d.steps[-1] + 0.5 * gap)
-    ax.plot(d.steps, d.mean, linestyle=line, marker="D", color="tab:purple", label=f"mean (pairs={max(d.n)})")
+    ax.plot(d.steps, d.mean, linestyle=line, marker="D", markersize=6 if len(d.steps) < 12 else 3, color="tab:purple",
+            label=f"mean (pairs={max(d.n)})")  # fmt: skip
     banded = [(s, lo, hi) for s, lo, hi in zip(d.steps, d.low, d.high) if lo is not None]
     if banded and len(d.steps) >= MIN_LINE_POINTS:
         ax.fill_between([x[0] for x in banded], [x[1] for x in banded], [x[2] for x in banded], color="tab:purple",
