@@ -21,6 +21,7 @@ from camex import distributed, faults, models, tasks, tracking
 from camex.accounting import count_parameters
 from camex.checkpoints import AtomicCheckpoints, atomic_write_text, remove_partial
 from camex.config import ConfigError, RunSpec, validate
+from camex.curvature_log import curvature_callback, first_eval_batch
 from camex.optim import parameter_groups
 from camex.redact import redact_secrets
 from camex.upcycle import upcycle
@@ -243,10 +244,7 @@ def _flops_per_token(trainer, model: torch.nn.Module) -> dict[str, float]:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    named = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else None  # e.g. MNLI's two splits
-    batch = next(iter(trainer.get_eval_dataloader(next(iter(named)) if named else None)))
-    device = trainer.args.device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = first_eval_batch(trainer)
     if "input_ids" in batch:
         tokens = batch["input_ids"].numel()
     else:  # timm backbones: patches per image x images
@@ -363,6 +361,7 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
         tags=tags,
     ) as tracker:
         trainer.add_callback(_TrackerCallback(tracker))
+        trainer.add_callback(curvature_callback(trainer, model, tracker))  # at every evaluation
         for callback in faults.injected_callbacks():  # fault injection for tests; none in normal use
             trainer.add_callback(callback)
         trainer.add_callback(faults.signal_callback(guard))  # SIGINT/SIGTERM: checkpoint, then stop

@@ -153,23 +153,36 @@ def test_glue_table_matches_mlflow(store, report):
     ca, twin = rows[("camex", "STS-B")], rows[("domain", "STS-B")]
     assert float(ca["paper"]) == PUBLISHED_CA_STSB and twin["paper"] == ""
     assert float(ca["difference"]) == pytest.approx(expected["camex"]["mean"] - PUBLISHED_CA_STSB, abs=1e-12)
-    welch = stats.ttest_ind(expected["camex"]["values"], expected["domain"]["values"], equal_var=False)
+    # the same seeds on both sides: a paired t-test over seeds (the only twin test of the table: Holm = raw p)
+    by_seed = {m: {r.data.tags["seed"]: r.data.metrics["final_spearman"] * GLUE_SCALE
+                   for r in groups[("glue/stsb", "tiny_bert", m)]} for m in ("domain", "camex")}  # fmt: skip
+    pairs = [(by_seed["camex"][s], by_seed["domain"][s]) for s in ("1", "2")]
     assert ca["twin"] == "domain"
     assert float(ca["twin_difference"]) == pytest.approx(expected["camex"]["mean"] - expected["domain"]["mean"])
-    if math.isfinite(welch.pvalue):
-        assert float(ca["p_value"]) == pytest.approx(float(welch.pvalue), rel=1e-9)
-        mark = "**" if welch.pvalue < 0.01 else "*" if welch.pvalue < 0.05 else "ns"
-        assert ca["mark"] == mark
+    if all(a == b for a, b in pairs):
+        assert ca["test"] == "identical" and ca["mark"] == "identical"
+    else:
+        paired = stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs])
+        assert ca["test"] == "paired"
+        if math.isfinite(paired.pvalue):
+            assert float(ca["p_value"]) == pytest.approx(float(paired.pvalue), rel=1e-9)
+            assert float(ca["p_holm"]) == pytest.approx(float(paired.pvalue), rel=1e-9)
+            mark = "**" if paired.pvalue < 0.01 else "*" if paired.pvalue < 0.05 else "ns"
+            assert ca["mark"] == mark + "ᵖ"
     filled = {k for k, r in rows.items() if r["mean"] != ""}
     assert filled == {("domain", "STS-B"), ("camex", "STS-B")}  # no number from anywhere else
 
     md = (report / "tables" / "glue__tiny_bert.md").read_text()
-    assert "70 of 72 cells missing" in md and md.count("missing ·") == 70 + 9  # 70 task cells + 9 averages
+    # rows without any run are left out of the rendered table: 2 rows x (7 task cells + average) missing
+    assert "70 of 72 cells missing" in md and md.count("missing ·") == 2 * 7 + 2
+    assert "Rows without runs (not shown): Dense, SMoE, Ties, Ties-CA, Dare, Dare-CA, EP-CAMEx." in md
     line = next(x for x in md.splitlines() if x.startswith("| Domain-specific-CA |"))
     stsb_cell = line.strip("|").split("|")[4].strip()
     e = expected["camex"]
     assert stsb_cell.startswith(f"{e['mean']:.2f} ± {e['std']:.2f} (n=2)")
-    assert f"paper {PUBLISHED_CA_STSB:.2f} (Δ {e['mean'] - PUBLISHED_CA_STSB:+.2f})" in stsb_cell
+    low, high = stats.t.interval(0.95, 1, loc=e["mean"], scale=e["std"] / math.sqrt(2))
+    word = "reproduced" if low <= PUBLISHED_CA_STSB <= high else "above" if low > PUBLISHED_CA_STSB else "below"
+    assert f"paper {PUBLISHED_CA_STSB:.2f} (Δ {e['mean'] - PUBLISHED_CA_STSB:+.2f}) {word}" in stsb_cell
     allowed = set()
     for s in expected.values():
         allowed |= _fmt_all(s["mean"]) | _fmt_all(s["std"])
@@ -210,6 +223,30 @@ def test_other_and_efficiency_tables_match_mlflow(store, report):
         assert all(r["mean"] == "" for r in _read_csv(report / "tables" / f"{name}.csv"))
 
 
+def test_curvature_diagnostic_logged_at_every_evaluation(store, report):
+    from camex.moe.diagnostics import KEYS
+
+    client, runs = _mlflow_runs(store, [MAIN])
+    groups = _groups(runs)
+    for r in groups[("glue/stsb", "tiny_bert", "domain")]:  # no curvature: nothing logged
+        assert not [k for k in r.data.metrics if k.startswith("curvature_")]
+    last = defaultdict(list)
+    for r in groups[("glue/stsb", "tiny_bert", "camex")]:
+        eval_steps = [m.step for m in client.get_metric_history(r.info.run_id, "eval_spearman")]
+        for key in KEYS:
+            history = client.get_metric_history(r.info.run_id, key)
+            assert sorted({m.step for m in history}) == sorted(set(eval_steps))  # at every evaluation
+            assert all(math.isfinite(m.value) and m.value >= 0 for m in history)
+            last[key].append(r.data.metrics[key])
+        assert r.data.metrics["curvature_operator_change_max"] > 0  # trained: the operators moved
+    row = next(r for r in _read_csv(report / "tables" / "glue__tiny_bert.csv")
+               if r["merge"] == "camex" and r["column"] == "STS-B")  # fmt: skip
+    for key in KEYS:
+        assert float(row[key]) == pytest.approx(statistics.fmean(last[key]), rel=1e-12)
+    md = (report / "tables" / "glue__tiny_bert__twin_tests.md").read_text()
+    assert "not logged" not in md and "(n=2)" in md
+
+
 def _png_spread(path: Path) -> float:
     import matplotlib.image as mpimg
 
@@ -222,6 +259,7 @@ def test_figures_are_drawn_from_tracked_values(store, report, report_all):
     assert _png_spread(fig.with_suffix(".png")) > 0.02 and "<path" in fig.with_suffix(".svg").read_text()
     curves = _read_csv(fig.with_suffix(".csv"))
     groups = _groups(runs)
+    by_seed: dict[str, dict[str, dict[int, float]]] = {}
     for merge in ("domain", "camex"):
         per_step = defaultdict(list)
         for r in groups[("glue/stsb", "tiny_bert", merge)]:
@@ -231,11 +269,19 @@ def test_figures_are_drawn_from_tracked_values(store, report, report_all):
                     first[m.step] = (m.timestamp, m.value)
             for step, (_, value) in first.items():
                 per_step[step].append(value)
+            by_seed.setdefault(merge, {})[r.data.tags["seed"]] = {step: v for step, (_, v) in first.items()}
         mine = [c for c in curves if c["merge"] == merge and c["panel"] == "eval_spearman"]
         got = {int(c["step"]): float(c["mean"]) for c in mine}
         assert got.keys() == per_step.keys() and len(got) == 2  # one evaluation per epoch
         for step, values in per_step.items():
             assert got[step] == pytest.approx(sum(values) / len(values), rel=1e-12)
+
+    # the paired-difference panel: per step, the mean over seeds of CA − twin on the same seed
+    diff = {int(c["step"]): c for c in curves if c["panel"] == "eval_spearman paired difference"}
+    for step, row in diff.items():
+        d = [by_seed["camex"][seed][step] - by_seed["domain"][seed][step] for seed in ("1", "2")]
+        assert float(row["mean"]) == pytest.approx(sum(d) / 2, rel=1e-12, abs=1e-12) and row["n"] == "2"
+    assert len(diff) == 2
 
     assert not list((report / "figures").glob("ablation_*"))  # one α value in the main experiment: no ablation
     abl = report_all / "figures" / "ablation_alpha__tiny_bert"

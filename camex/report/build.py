@@ -1,12 +1,17 @@
 """Turn a list of tracked runs into the report: tables, figures, Markdown and one HTML page.
 
-Layout of `out/`: `tables/<table>__<model>.{md,tex,csv}`, `figures/<name>.{png,svg,csv}`,
-`runs.csv` (every run used, with its final metrics), `report.md`, `report.html`.
+Layout of `out/`: `tables/<table>__<model>.{md,tex,csv}` (and `__tests.csv`, `__twin_tests.md`,
+`__dense_tests.md`: the paired comparisons), `tables/verdicts.*` (one verdict per published cell),
+`figures/<name>.{png,svg,csv}`, `runs.csv` (every run used, with its final metrics), `findings.csv`
+(each sentence of the findings and the test it comes from), `report.md`, `report.html`.
+The page puts results first: provenance, findings, the tables with runs and their comparisons,
+the verdicts, efficiency, figures; paper tables without any run collapse to one line.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +19,26 @@ from pathlib import Path
 from camex.report import figures
 from camex.report.aggregate import group_runs, summarise
 from camex.report.collect import Run
-from camex.report.html import render_page
-from camex.report.layout import EFFICIENCY, PAPER_TABLES, PAPER_TASKS, TWINS, TableSpec, other_tasks_table
+from camex.report.findings import Finding, diagnostic_finding, findings
+from camex.report.html import Block, render_markdown, render_page
+from camex.report.layout import EFFICIENCY, PAPER_TABLES, PAPER_TASKS, ROW_LABEL, TWINS, TableSpec, other_tasks_table
 from camex.report.reference import Reference
-from camex.report.tables import Table, build_table, to_csv, to_latex, to_markdown
+from camex.report.tables import (
+    TEST_FIELDS,
+    Grid,
+    Table,
+    build_table,
+    comparison_grid,
+    dicts_to_csv,
+    efficiency_grid,
+    fmt,
+    table_grid,
+    test_rows,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
+from camex.report.verdicts import PaperVerdict, paper_verdicts, verdict_grid, verdict_summary
 
 History = Callable[[str, str], list[tuple[int, float]]]  # (run_id, metric key) -> [(step, value)]
 ABLATION_PARAMS = (("merge.alpha", "alpha"), ("merge.rank", "rank"))
@@ -28,7 +49,8 @@ class Report:
     out: Path
     tables: list[Table] = field(default_factory=list)
     figures: dict[str, dict[str, Path]] = field(default_factory=dict)  # name -> {png, svg, csv}
-    sections: list[tuple[str, list[Table], list[tuple[str, Path]]]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)  # the page, in order
 
     @property
     def missing(self) -> int:
@@ -125,18 +147,30 @@ def _convergence(runs: list[Run], history: History, folder: Path) -> dict[str, d
             continue
         primary = group[0].primary_key() or "final_loss"
         eval_key = "eval_" + primary.removeprefix("final_")
-        rows = []
+        rows, diffs = [], {}
         for (ca, twin), panels in pairs.items():
+            by_seed = {m: {r.seed: r for r in merges[m]} for m in (ca, twin)}
+            pairable = all(len(by_seed[m]) == len(merges[m]) for m in (ca, twin))  # no repeated seed
+            seeds = sorted(set(by_seed[ca]) & set(by_seed[twin])) if pairable else []
+            diffs[(ca, twin)] = {}
             for panel, key in (("train_loss", "train_loss"), ("eval", eval_key)):
                 panels[panel] = {m: figures.band([history(r.run_id, key) for r in merges[m]]) for m in (twin, ca)}
                 for merge, b in panels[panel].items():
                     rows += [{"pair": f"{ca} vs {twin}", "panel": key, "merge": merge, "step": s, "mean": m,
                               "std": sd, "n": n} for s, m, sd, n in zip(b.steps, b.mean, b.std, b.n)]  # fmt: skip
+                d = figures.paired_band([(history(by_seed[ca][s].run_id, key), history(by_seed[twin][s].run_id, key))
+                                         for s in seeds])  # fmt: skip
+                diffs[(ca, twin)][panel] = d
+                rows += [{"pair": f"{ca} vs {twin}", "panel": f"{key} paired difference", "merge": ca, "step": s,
+                          "mean": m, "ci_low": "" if lo is None else lo, "ci_high": "" if hi is None else hi, "n": n}
+                         for s, m, lo, hi, n in zip(d.steps, d.mean, d.low, d.high, d.n)]  # fmt: skip
+        if not rows:  # no run logged a curve
+            continue
         name = f"convergence__{task}__{model}".replace("/", "_")
-        fig = figures.convergence_figure(f"{task}, {model}", pairs, eval_key.removeprefix("eval_"))
+        fig = figures.convergence_figure(f"{task}, {model}", pairs, diffs, eval_key.removeprefix("eval_"))
         paths = figures.save(fig, folder, name)
         paths["csv"] = folder / f"{name}.csv"
-        _write_csv(paths["csv"], rows, ["pair", "panel", "merge", "step", "mean", "std", "n"])
+        _write_csv(paths["csv"], rows, ["pair", "panel", "merge", "step", "mean", "std", "ci_low", "ci_high", "n"])
         out[name] = paths
     return out
 
@@ -148,44 +182,100 @@ def _runs_csv(runs: list[Run], path: Path) -> None:
     _write_csv(path, rows, ["run_id", "experiment", "task", "model", "merge", "seed", *keys])
 
 
+def _write_grid(folder: Path, name: str, grid: Grid, csv_text: str) -> None:
+    for ext, text in (("md", to_markdown(grid)), ("tex", to_latex(grid)), ("csv", csv_text)):
+        (folder / f"{name}.{ext}").write_text(text)
+
+
+def _empty_line(tables: list[Table]) -> str:
+    names = "; ".join(t.spec.title.split(" (")[0] for t in tables)
+    return f"Paper tables without any run (not shown; their files are in tables/): {names}."
+
+
+def _verdict_line(verdicts: list[PaperVerdict]) -> str:
+    cells = ", ".join(f"{ROW_LABEL.get(v.merge, v.merge)} {v.column} {fmt(v.published, v.decimals)}" for v in verdicts)
+    return f"Published cells, none with runs, so each reads “not enough seeds”: {cells}."
+
+
 def build_report(runs: list[Run], reference: Reference, out: Path, history: History, selection: list[str]) -> Report:
     """Write every table and figure for `runs` under `out` and return what was written."""
+    history = functools.lru_cache(maxsize=None)(history)  # the paired panels read each curve again
     out.mkdir(parents=True, exist_ok=True)
     tables_dir, figures_dir = out / "tables", out / "figures"
     tables_dir.mkdir(exist_ok=True)
     report = Report(out)
     paper, other, efficiency = _paper_tables(runs, reference), _other_tables(runs), _efficiency_tables(runs)
     report.tables = paper + other + efficiency
-    for table in report.tables:
-        for ext, render in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
-            (tables_dir / f"{table.key}.{ext}").write_text(render(table))
+    results = [t for t in paper + other if t.has_runs]
+    blocks: dict[str, list[Block]] = {"results": [], "efficiency": []}
+    for table in paper + other:
+        _write_grid(tables_dir, table.key, table_grid(table), to_csv(table))
+        if table.tests:
+            (tables_dir / f"{table.key}__tests.csv").write_text(dicts_to_csv(test_rows(table), TEST_FIELDS))
+        if table.has_runs:
+            blocks["results"].append(("grid", table_grid(table)))
+        for family in ("twin", "dense"):
+            grid = comparison_grid(table, family)
+            if grid is not None:
+                (tables_dir / f"{table.key}__{family}_tests.md").write_text(to_markdown(grid))
+                blocks["results"].append(("grid", grid))
+    for table in efficiency:
+        grid = efficiency_grid(table)
+        _write_grid(tables_dir, table.key, grid, to_csv(table))
+        if len(grid.header) > 1:  # else no run logged any efficiency metric
+            blocks["efficiency"].append(("grid", grid))
+    verdicts = paper_verdicts(paper)
+    _write_grid(tables_dir, "verdicts", verdict_grid(verdicts), _verdicts_csv(verdicts))
+    report.findings = findings(results)
+    _write_csv(out / "findings.csv", [f.__dict__ for f in report.findings],
+               ["text", "table", "family", "row", "vs", "column"])  # fmt: skip
     ablation = _ablations(runs, reference, figures_dir)
     convergence = _convergence(runs, history, figures_dir)
     report.figures = {**ablation, **convergence}
     _runs_csv(runs, out / "runs.csv")
 
-    report.sections = [
-        ("Paper tables", paper, []),
-        ("Other tasks", other, []),
-        ("Efficiency", efficiency, []),
-        ("Ablations (α, rank)", [], [(n, p["png"]) for n, p in ablation.items()]),
-        ("Convergence: curvature-aware vs Euclidean", [], [(n, p["png"]) for n, p in convergence.items()]),
+    paper_blocks: list[Block] = []
+    if any(v.stat is not None for v in verdicts):
+        paper_blocks.append(("grid", verdict_grid(verdicts)))
+    elif verdicts:
+        paper_blocks.append(("p", _verdict_line(verdicts)))
+    empty = [t for t in paper if not t.has_runs]
+    if empty:
+        paper_blocks.append(("p", _empty_line(empty)))
+    twin = [f.text for f in report.findings if f.family == "twin"]
+    dense = [f.text for f in report.findings if f.family == "dense"]
+    summary = f"Paper: {verdict_summary(verdicts)}. " if verdicts else ""
+    report.blocks = [
+        ("h2", "Findings"),
+        ("p", f"{summary}{len(runs)} finished runs. Generated from the comparison tables below; every test pairs "
+              "runs by seed where it can (Holm-adjusted within each table)."),
+        ("h3", "Curvature-aware vs Euclidean twin (same seeds)"),
+        ("ul", twin or ["No curvature-aware row has a twin with runs."]),
+        ("p", diagnostic_finding(results)),
+        ("h3", "Each row vs Dense (same seeds)"),
+        ("ul", dense or ["No Dense runs to compare against."]),
+        ("h2", "Results"),
+        *(blocks["results"] or [("p", "No runs.")]),
+        ("h2", "Paper tables: verdict per published cell"),
+        *paper_blocks,
+        ("h2", "Efficiency"),
+        *(blocks["efficiency"] or [("p", "No runs.")]),
+        ("h2", "Ablations (α, rank)"),
+        *([("figure", (n, p["png"])) for n, p in ablation.items()] or [("p", "No runs for this section.")]),
+        ("h2", "Convergence: curvature-aware vs Euclidean"),
+        *([("figure", (n, p["png"])) for n, p in convergence.items()] or [("p", "No runs for this section.")]),
     ]
     intro = [*selection, f"{len(runs)} finished runs; {report.missing} table cells missing across the paper and "
              f"other-task tables.", f"Published values: {reference.path.name} ({reference.source})"]  # fmt: skip
-    (out / "report.md").write_text(_markdown_page(report, intro))
-    (out / "report.html").write_text(render_page("CAMEx reproduction report", intro, report.sections))
+    (out / "report.md").write_text(render_markdown("CAMEx reproduction report", intro, report.blocks))
+    (out / "report.html").write_text(render_page("CAMEx reproduction report", intro, report.blocks))
     return report
 
 
-def _markdown_page(report: Report, intro: list[str]) -> str:
-    parts = ["# CAMEx reproduction report", "", *[f"{line}  " for line in intro], ""]
-    for heading, tables, figs in report.sections:
-        parts += [f"## {heading}", ""]
-        parts += [to_markdown(t) for t in tables]
-        parts += [f"![{name}](figures/{png.name}) ([SVG](figures/{png.stem}.svg), [data](figures/{png.stem}.csv))"
-                  for name, png in figs]  # fmt: skip
-        if not tables and not figs:
-            parts.append("No runs for this section.")
-        parts.append("")
-    return "\n".join(parts)
+def _verdicts_csv(verdicts: list[PaperVerdict]) -> str:
+    rows = [{"table": v.table, "model": v.model, "merge": v.merge, "column": v.column, "paper": v.published,
+             "mean": "" if v.stat is None else v.stat.mean, "n": 0 if v.stat is None else v.stat.n,
+             "ci_low": v.ci[0] if v.ci else "", "ci_high": v.ci[1] if v.ci else "", "verdict": v.verdict}
+            for v in verdicts]  # fmt: skip
+    return dicts_to_csv(rows, ("table", "model", "merge", "column", "paper", "mean", "n", "ci_low", "ci_high",
+                               "verdict"))  # fmt: skip

@@ -24,6 +24,16 @@ ROWS: tuple[tuple[str, str], ...] = (
 ROW_LABEL = dict(ROWS)
 # Each curvature-aware row and the Euclidean merge it is tested against.
 TWINS: dict[str, str] = {"camex": "domain", "camex_ties": "ties", "camex_dare": "dare"}
+DENSE = "dense"  # every other row is also tested against this one
+# The curvature diagnostic each run logs at every evaluation (camex/moe/diagnostics.py logs these
+# keys; the report reads their last value): label, MLflow key.
+DIAGNOSTIC: tuple[tuple[str, str], ...] = (
+    ("‖M−M₀‖/‖M₀‖ median", "curvature_operator_change_median"),
+    ("‖M−M₀‖/‖M₀‖ max", "curvature_operator_change_max"),
+    ("‖τ‖/‖E_m‖ mean", "curvature_tau_ratio_mean"),
+    ("‖Ê_CA−Ê_Eucl‖/‖Ê_Eucl‖ mean", "curvature_merged_change_mean"),
+    ("‖Ê_CA−Ê_Eucl‖/‖Ê_Eucl‖ max", "curvature_merged_change_max"),
+)
 
 
 @dataclass(frozen=True)
