@@ -170,6 +170,10 @@ class AtomicCheckpoints:
         self._get_output_dir = lambda trial=None: str(staging)  # instance attribute shadows the method
         try:
             super()._save_checkpoint(model, trial)
+        except OSError:  # e.g. the disk filled up: free what the failed save took, so the run can still be marked
+            if self.is_world_process_zero():
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             del self._get_output_dir
         staged = staging / name

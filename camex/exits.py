@@ -66,10 +66,14 @@ def storage_failure(exc: BaseException) -> str | None:
     from camex.tracking import StoreError, StoreLost
 
     chain = _chain(exc)
-    for e in chain:  # the real cause first: a full disk under an MLflow or SQLite error
-        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
-            where = f" ({e.filename})" if e.filename else ""
-            return (f"storage failed: {STORAGE_ERRNOS[e.errno]}{where}; free space (or point paths.output_root "
+    for e in chain:  # the real cause first: a full disk under an MLflow, SQLite or safetensors error
+        code = e.errno if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS else None
+        # libraries that are not Python (safetensors, SQLite) keep only the system's words for it
+        code = code or next((c for c in STORAGE_ERRNOS if os.strerror(c) in str(e)), None)
+        if code is not None:
+            name = getattr(e, "filename", None)
+            where = f" ({name})" if name else ""
+            return (f"storage failed: {STORAGE_ERRNOS[code]}{where}; free space (or point paths.output_root "
                     "elsewhere) and continue with resume=true")  # fmt: skip
     for e in chain:
         if isinstance(e, (StoreError, StoreLost, CheckpointError)):
