@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_run import ENV, FIX, ROOT, _local, _mlflow_runs, run_cli
+from test_run import ENV, FIX, ROOT, _image_folders, _local, _mlflow_runs, run_cli
 
 from camex import checkpoints, faults, models, tracking
 from camex.config import ConfigError
@@ -634,3 +634,51 @@ def test_80_concurrent_writers_on_the_parent_run_never_collide(tmp_path, empty_s
 
     run = MlflowClient(tracking_uri=uri).get_run(parent.run_id)
     assert run.data.tags["best.trial"] == "0" and run.data.tags["best.param.b"] == str(trial.params["b"])
+
+
+# 7: nothing of an existing run changed by a refused command; paths stay inside the output root
+
+
+def test_a_refused_rerun_leaves_the_finished_run_and_its_hydra_record_alone(existing):
+    run_dir = _run_dir(existing)
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("recorded: by the first run\n")
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- seed=42\n")
+    before = _snapshot(run_dir)
+    proc = run_cli(existing, *ARGS, "trainer.learning_rate=0.5", timeout=120)  # no resume, no overwrite: refused
+    assert proc.returncode == 2 and "already holds a run" in _error_line(proc)
+    after = _snapshot(run_dir)
+    assert {k: after.get(k) for k in before} == before  # Hydra's log file may appear; nothing existing changes
+    assert not (run_dir / ".hydra-pending").exists()
+
+
+def test_config_values_cannot_move_writes_outside_the_output_root(tmp_path):
+    root = tmp_path / "a" / "b" / "c"
+    proc = run_cli(root, *ARGS, "experiment_name=../../../x", timeout=120)
+    assert proc.returncode == 2
+    line = _error_line(proc)
+    assert "outside paths.output_root" in line and "experiment_name" in line
+    assert [p for p in tmp_path.rglob("*") if p.name == "x"] == []
+    with pytest.raises(ConfigError, match="paths.run_dir=/elsewhere/run is outside paths.output_root"):
+        _train(tmp_path, "paths.run_dir=/elsewhere/run")
+
+
+# 8: bad inputs found before the MLflow run starts
+
+
+def test_files_that_are_not_images_stop_the_run_before_it_starts_in_mlflow(tmp_path):
+    from camex.tasks import TaskError
+
+    folders = tmp_path / "images"
+    local = _image_folders(folders)
+    out = tmp_path / "out"
+    base = ("task=vision/imagenet1k", "model=tiny_vit", "task.num_labels=2", *local)
+    for name, content in (("text.png", b"not an image at all"),
+                          ("cut.png", (folders / "train" / "red" / "0.png").read_bytes()[:60])):  # fmt: skip
+        bad = folders / "train" / "red" / name
+        bad.write_bytes(content)
+        with pytest.raises(TaskError, match=re.escape(str(bad))) as err:
+            _train(out, base=base)
+        assert _classified(err.value)[0] == 2
+        assert not (out / "mlflow.db").exists()
+        bad.unlink()
