@@ -682,3 +682,11 @@ def test_files_that_are_not_images_stop_the_run_before_it_starts_in_mlflow(tmp_p
         assert _classified(err.value)[0] == 2
         assert not (out / "mlflow.db").exists()
         bad.unlink()
+
+
+def test_a_parent_run_that_does_not_exist_is_refused_before_data_loads(tmp_path, empty_store):
+    out = _out(tmp_path, empty_store)
+    cfg = {"enabled": True, "uri": None, "parent_run_id": "0123456789abcdef0123456789abcdef"}
+    with pytest.raises(ConfigError, match="tracking.parent_run_id=0123456789abcdef0123456789abcdef does not exist in"):
+        tracking.probe_store(cfg, output_root=out)
+    tracking.probe_store({**cfg, "parent_run_id": None}, output_root=out)  # the store itself is fine
