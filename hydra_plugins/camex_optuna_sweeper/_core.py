@@ -313,6 +313,14 @@ class SweepLoop:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             print("error: " + " ".join(lines[:3]), file=sys.stderr)
             sys.exit(2)
+        except Exception as e:  # the study or tracking store unusable (damaged, locked, disk full): one line too
+            from camex.exits import STORAGE, storage_failure
+
+            problem = storage_failure(e)
+            if problem is None:
+                raise
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(STORAGE)
         return self._loop(study, lock, queue)
 
     def _prepare(self, arguments: list[str]) -> tuple[optuna.Study, Any, list[Planned]]:
