@@ -10,6 +10,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import camex  # noqa: F401 - registers ${camex.inside:...}, which conf/config.yaml's hydra.run.dir uses
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
@@ -20,7 +22,9 @@ def main(cfg: DictConfig) -> float | None:
     exits.job_started = True
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
-        result = train(container, run_dir=Path(str(cfg.paths.run_dir)))
+        hydra_cfg = HydraConfig.get()  # where Hydra recorded the command (None under torchrun's other ranks)
+        pending = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
+        result = train(container, run_dir=Path(str(cfg.paths.run_dir)), hydra_pending=pending)
     except Exception as e:  # a known failure (camex/exits.py) is one line and an exit status; a bug raises
         known = classify(e)
         if known is None:

@@ -36,3 +36,21 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+
+def _inside(root: str, path: str) -> str:
+    from camex.config import inside
+
+    return inside(str(root), str(path))
+
+
+def _register_resolvers() -> None:
+    """`${camex.inside:ROOT,PATH}` (conf/config.yaml's hydra.run.dir): PATH, or an error when it
+    leaves ROOT — resolved by Hydra before it creates the folder, so nothing is written outside."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("camex.inside"):
+        OmegaConf.register_new_resolver("camex.inside", _inside)
+
+
+_register_resolvers()

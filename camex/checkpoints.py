@@ -4,6 +4,10 @@ staging folder, which is renamed to `checkpoint-N` only once every file is on di
 A process killed mid-save (SIGKILL, OOM, power loss) therefore leaves a `.partial-checkpoint-N`
 folder that nothing loads — `get_last_checkpoint` and the Trainer's rotation only look at
 `checkpoint-N` — and the previous checkpoint stays the one `resume=true` continues from.
+
+A checkpoint damaged after it was published (a truncated file, a garbled `trainer_state.json`, an
+emptied folder) is found by `verified_checkpoints`, which reads each one's metadata (never its
+tensors): `resume=true` then continues from the newest whole one and says which it skipped.
 """
 
 from __future__ import annotations
@@ -15,6 +19,78 @@ from pathlib import Path
 from typing import Any
 
 PARTIAL_PREFIX = ".partial-"
+DAMAGED_PREFIX = ".damaged-"  # a damaged checkpoint moved aside: kept for inspection, never loaded or rotated
+ZIP_STATES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")  # torch.save files: zip archives
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be resumed from."""
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from, read from metadata only (JSON, safetensors headers,
+    zip directories); None when it looks whole."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "trainer_state.json is missing"
+    try:
+        step = json.loads(state.read_text())["global_step"]
+        if not isinstance(step, int):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "trainer_state.json is not a trainer state"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not list(folder.glob("global_step*")):  # DeepSpeed keeps its own layout
+        return "no model weights (*.safetensors)"
+    for path in weights:
+        try:
+            with safe_open(str(path), "pt"):  # checks the header against the file's length
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{path.name}: {one_line_of(e)}"
+    for pattern in ZIP_STATES:
+        for path in folder.glob(pattern):
+            try:
+                zipfile.ZipFile(path).close()  # the central directory sits at the end: truncation fails here
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"{path.name}: {one_line_of(e)}"
+    return None
+
+
+def one_line_of(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def verified_checkpoints(checkpoint_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that passes `checkpoint_problem`, and the newer damaged ones with why."""
+    import re
+
+    found = []
+    if checkpoint_dir.is_dir():
+        for path in checkpoint_dir.iterdir():
+            match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+            if match and path.is_dir():
+                found.append((int(match[1]), path))
+    damaged = []
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def set_aside(damaged: list[tuple[Path, str]]) -> None:
+    """Rename damaged checkpoints out of the Trainer's sight (its rotation or a later resume would
+    pick them up again); they stay on disk for inspection."""
+    for path, _ in damaged:
+        aside = path.with_name(f"{DAMAGED_PREFIX}{path.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -94,6 +170,10 @@ class AtomicCheckpoints:
         self._get_output_dir = lambda trial=None: str(staging)  # instance attribute shadows the method
         try:
             super()._save_checkpoint(model, trial)
+        except OSError:  # e.g. the disk filled up: free what the failed save took, so the run can still be marked
+            if self.is_world_process_zero():
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             del self._get_output_dir
         staged = staging / name

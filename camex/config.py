@@ -7,8 +7,11 @@ prints it and exits with status 2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from camex import models, tasks
@@ -19,6 +22,38 @@ EVAL_EVERY = ("epoch", "steps")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 TRACKING_FALLBACKS = (None, "sqlite")
 TRACKING_SCHEMES = ("sqlite:", "http://", "https://", "file:", "postgresql", "mysql", "databricks")
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's and torch's seeding accept
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@functools.cache
+def declared_keys(group: str) -> frozenset[str]:
+    """Every top-level key some preset of `conf/<group>/` declares: the keys code may read. A key
+    outside them (`+trainer.lerning_rate=...`) would be silently ignored, so it is refused."""
+    import yaml
+
+    keys: set[str] = set()
+    for path in (CONF / group).glob("*.yaml"):
+        keys |= set(yaml.safe_load(path.read_text()) or {})
+    return frozenset(keys - {"defaults"})
+
+
+def _check_known_keys(group: str, values: dict[str, Any]) -> None:
+    allowed = declared_keys(group)
+    unknown = sorted(set(values) - allowed)
+    if allowed and unknown:
+        raise ConfigError(f"{group}.{unknown[0]} is not a {group} setting (a typo?); allowed: {sorted(allowed)}")
+
+
+def inside(root: str, path: str, key: str = "paths.run_dir") -> str:
+    """`path` when it lies inside `root` (lexically: `..` is resolved, symlinks are not followed),
+    else ConfigError: a config value (`experiment_name=../../x`) must not move writes elsewhere."""
+    base = os.path.normpath(os.path.abspath(root))
+    full = os.path.normpath(os.path.abspath(path))
+    if os.path.commonpath([base, full]) != base:
+        raise ConfigError(f"{key}={path} is outside paths.output_root={root}; allowed: a folder inside it "
+                          "(names such as experiment_name must not contain '..' or start with '/')")  # fmt: skip
+    return path
 
 
 class ConfigError(ValueError):
@@ -93,6 +128,8 @@ def _is_integer(value: Any) -> bool:
 
 
 def _check_trainer(t: dict[str, Any]) -> None:
+    _check_known_keys("trainer", t)
+
     def need(key: str, ok: bool, allowed: str) -> None:
         if not ok:
             raise ConfigError(f"trainer.{key}={t.get(key)!r} is invalid; allowed: {allowed}")
@@ -122,6 +159,10 @@ def _check_trainer(t: dict[str, Any]) -> None:
 
 
 def _check_tracking(t: dict[str, Any]) -> None:
+    _check_known_keys("tracking", t)
+    wait = t.get("store_wait_s", 30)
+    if not _is_number(wait) or not 1 <= wait <= 3600:
+        raise ConfigError(f"tracking.store_wait_s={wait!r} is invalid; allowed: seconds in [1, 3600]")
     uri = t.get("uri")
     if uri is not None and not (isinstance(uri, str) and uri.startswith(TRACKING_SCHEMES)):
         raise ConfigError(f"tracking.uri={uri!r} is not a tracking URI; allowed schemes: {list(TRACKING_SCHEMES)}")
@@ -141,7 +182,7 @@ def _check_tracking(t: dict[str, Any]) -> None:
 
 def _check_run_keys(cfg: dict[str, Any]) -> None:
     """Top-level keys that name the run and where it lives (they become paths and MLflow names)."""
-    for key in ("resume", "overwrite"):
+    for key in ("resume", "overwrite", "resume_changed"):
         if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"{key}={cfg[key]!r} is invalid; allowed: true, false")
     name = cfg.get("experiment_name")
@@ -150,6 +191,7 @@ def _check_run_keys(cfg: dict[str, Any]) -> None:
     paths = cfg.get("paths")
     if not isinstance(paths, dict) or not all(isinstance(paths.get(k), str) for k in ("output_root", "run_dir")):
         raise ConfigError(f"paths={paths!r} is invalid; allowed: paths.output_root and paths.run_dir as folder paths")
+    inside(paths["output_root"], paths["run_dir"])
 
 
 def _check_required_task(cfg: dict[str, Any]) -> None:
@@ -168,8 +210,9 @@ def validate(cfg: dict[str, Any]) -> RunSpec:
             raise ConfigError(f"{group} is missing: choose one, e.g. {group}=<name>")
     _check_required_task(cfg)
     _check_run_keys(cfg)
-    if not _is_integer(cfg.get("seed")):
-        raise ConfigError(f"seed={cfg.get('seed')!r} is invalid; allowed: an integer")
+    seed = cfg.get("seed")
+    if not _is_integer(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ConfigError(f"seed={seed!r} is invalid; allowed: an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     variant, options = merge_options(cfg["merge"])
     if cfg["model"].get("family") not in models.FAMILIES:
         raise ConfigError(f"model.family={cfg['model'].get('family')!r} is not one of {list(models.FAMILIES)}")

@@ -5,12 +5,15 @@ something the user can fix. A traceback is kept for what is not understood here 
     2    bad input: an override, a config value, a data file, a model source, an unreachable
          tracking server (`error: <what> ...; allowed: ...`), found before training starts
     3    training diverged (NaN or infinite loss; the MLflow run is FAILED)
+    4    storage failed: the tracking store (damaged, locked, unreachable mid-run), the disk (full,
+         read-only) or an unreadable checkpoint; the root cause is named, never buried
     130  SIGINT (Ctrl-C), 143 SIGTERM: a checkpoint was saved, the MLflow run is KILLED;
          `resume=true` finishes it
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -20,6 +23,9 @@ from typing import Any
 USER_ERROR = 2
 job_started = False  # set by the job function: failures before it are Hydra reading the command line
 DIVERGED = 3
+STORAGE = 4
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system", errno.EIO: "input/output error"}  # fmt: skip
 _FULL_ERROR = "HYDRA_FULL_ERROR"
 _OURS = "CAMEX_SET_HYDRA_FULL_ERROR"  # marks HYDRA_FULL_ERROR as set by us, not by the user
 
@@ -44,12 +50,58 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and everything it was raised from or while handling, outermost first."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """One line for a storage failure anywhere in the chain (MLflow wraps SQLite's and the disk's
+    errors in its own), naming the root cause; None when the failure is not about storage."""
+    from camex.checkpoints import CheckpointError
+    from camex.tracking import StoreError, StoreLost
+
+    chain = _chain(exc)
+    for e in chain:  # the real cause first: a full disk under an MLflow, SQLite or safetensors error
+        code = e.errno if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS else None
+        # libraries that are not Python (safetensors, SQLite) keep only the system's words for it
+        code = code or next((c for c in STORAGE_ERRNOS if os.strerror(c) in str(e)), None)
+        if code is not None:
+            name = getattr(e, "filename", None)
+            where = f" ({name})" if name else ""
+            return (f"storage failed: {STORAGE_ERRNOS[code]}{where}; free space (or point paths.output_root "
+                    "elsewhere) and continue with resume=true")  # fmt: skip
+    for e in chain:
+        if isinstance(e, (StoreError, StoreLost, CheckpointError)):
+            return one_line(e)
+    for e in chain:
+        module = type(e).__module__
+        if module.startswith(("sqlalchemy", "sqlite3", "safetensors")) or (
+            module.startswith("requests") and "Connection" in type(e).__name__
+        ):
+            return f"storage failed: {type(e).__name__}: {one_line(e)}"
+    return None
+
+
 def classify(exc: BaseException, *, composing: bool = False) -> tuple[int, str] | None:
     """(exit status, one-line message) for a failure the user can act on; None for a bug.
+    The message is redacted (`camex/redact.py`): a URI password or a secret value never reaches
+    the console.
 
     `composing`: the failure happened while Hydra read the command line, before any camex code
     ran (e.g. `experiment=false`, a group override Hydra refuses with a plain ValueError).
     """
+    from camex.redact import redact_text
+
+    known = _classify(exc, composing=composing)
+    return None if known is None else (known[0], redact_text(known[1]))
+
+
+def _classify(exc: BaseException, *, composing: bool) -> tuple[int, str] | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -68,6 +120,9 @@ def classify(exc: BaseException, *, composing: bool = False) -> tuple[int, str] 
         return USER_ERROR, one_line(exc)
     if composing or isinstance(exc, (HydraException, OmegaConfBaseException)):  # a bad override or interpolation
         return USER_ERROR, one_line(exc)
+    storage = storage_failure(exc)
+    if storage is not None:
+        return STORAGE, storage
     return None
 
 

@@ -48,9 +48,26 @@ def resolve_source(ref: str | None, key: str) -> str | None:
     return str(path)
 
 
-def _check_source(ref: str | None, key: str) -> None:
-    """Offline, a hub id fails at once with a hint instead of a long retry."""
-    if ref is None or Path(ref).exists() or not hub_offline():
+LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\")  # a path, never a hub id (`org/name` has no such start)
+
+
+def _check_source(ref: str | None, key: str, *, family: str | None = None) -> None:
+    """A local path must exist and hold something (a Transformers model: its config.json); offline,
+    a hub id fails at once with a hint instead of a long retry."""
+    if ref is None:
+        return
+    path = Path(ref).expanduser()
+    if path.exists() or ref.startswith(LOCAL_PREFIXES):
+        if not path.exists():
+            raise ModelError(f"{key}={ref}: no such file or folder; allowed: a local model folder or a hub id")
+        if path.is_dir() and not any(path.iterdir()):
+            raise ModelError(f"{key}={ref}: the folder is empty; allowed: a folder holding a saved model or a hub id")
+        if key == "model.pretrained" and family not in (None, "timm") and path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelError(f"{key}={ref}: the folder holds no config.json, so it is not a saved Transformers "
+                                 "model; allowed: a folder written by save_pretrained or a hub id")  # fmt: skip
+        return
+    if not hub_offline():
         return
     from huggingface_hub import try_to_load_from_cache
 
@@ -92,7 +109,7 @@ def check(model_cfg: dict[str, Any]) -> None:
     tokenizer = resolve_source(model_cfg.get("tokenizer"), "model.tokenizer")
     if family != "timm" and pretrained is None and tokenizer is None:
         raise ModelError("model.tokenizer is required when model.pretrained is null")
-    _check_source(pretrained, "model.pretrained")
+    _check_source(pretrained, "model.pretrained", family=family)
     _check_source(tokenizer, "model.tokenizer")
 
 

@@ -12,21 +12,34 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from camex import distributed, faults, models, tasks, tracking
+from camex import distributed, faults, footprint, models, tasks, tracking
 from camex.accounting import count_parameters
-from camex.checkpoints import AtomicCheckpoints, atomic_write_text, remove_partial
+from camex.checkpoints import (
+    AtomicCheckpoints,
+    CheckpointError,
+    atomic_write_text,
+    publish,
+    remove_partial,
+    set_aside,
+    verified_checkpoints,
+)
 from camex.config import ConfigError, RunSpec, validate
 from camex.curvature_log import curvature_callback, first_eval_batch
 from camex.optim import parameter_groups
 from camex.redact import redact_secrets
 from camex.upcycle import upcycle
 
-CONTROL_KEYS = ("resume", "overwrite")  # how to run, not what is run: never logged as params
+CONTROL_KEYS = ("resume", "overwrite", "resume_changed")  # how to run, not what is run: never logged as params
+CONFIG_RECORD = "run_config.json"  # the effective config (redacted) a resume is compared with
+# Keys a resume may change without changing what the run computes: where it is stored and logged,
+# how many threads and loader workers it uses, whether a progress bar shows.
+RESUME_NEUTRAL = ("paths.", "tracking.", "trainer.threads", "trainer.num_workers", "trainer.progress_bar")
 
 
 class _CamexTrainerMixin:
@@ -103,7 +116,8 @@ def _trainer_classes(seq2seq: bool):
 
 
 class _TrackerCallback:
-    """Forwards every Trainer log line to MLflow at the current optimizer step."""
+    """Forwards every Trainer log line to MLflow at the current optimizer step; when the store
+    fails, has the Trainer save a checkpoint after this step and stop (see `Tracker.lost`)."""
 
     def __new__(cls, tracker: tracking.Tracker):
         from transformers import TrainerCallback
@@ -118,8 +132,15 @@ class _TrackerCallback:
                 else:
                     logs = {("train_loss" if k == "loss" else k): v for k, v in logs.items()}
                 tracker.log_metrics(logs, step=state.global_step)
+                if tracker.lost is not None:  # the store stopped answering (after a bounded wait): save, stop
+                    control.should_save = True
+                    control.should_training_stop = True
 
         return Callback()
+
+
+def _step_of(checkpoint: str | None) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
 
 
 def _best_metric_name(prepared: tasks.Prepared) -> str:
@@ -199,27 +220,89 @@ def pad_like_released(prepared: tasks.Prepared, spec: RunSpec) -> None:
         collator.padding, collator.max_length = "max_length", length
 
 
-def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str | None:
-    """The checkpoint to resume from; refuses to clobber an earlier run unless told to."""
-    from transformers.trainer_utils import get_last_checkpoint
+@dataclass
+class Claim:
+    """What this command will do to its run directory, decided before anything is changed."""
 
+    resume_from: str | None = None  # the checkpoint to continue from
+    clear: bool = False  # overwrite=true: remove the earlier run's files (once everything is validated)
+    replaces: str | None = None  # the MLflow run id of the run being overwritten
+    damaged: list[tuple[Path, str]] = field(default_factory=list)  # newer checkpoints that cannot be loaded
+    changed: list[str] = field(default_factory=list)  # resume_changed=true: what differs from the record
+
+
+def changed_keys(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every setting (flattened) that differs, RESUME_NEUTRAL keys aside."""
+    old, new = tracking.flatten(recorded), tracking.flatten(current)
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(RESUME_NEUTRAL))
+    return [f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys]
+
+
+def _plan_claim(run_dir: Path, cfg: dict[str, Any], params: dict[str, Any]) -> Claim:
+    """Decide, reading only, whether this command may use `run_dir` and how; refuses to clobber
+    an earlier run unless told to, and to resume one with another config unless told to."""
     ckpt_dir = run_dir / "checkpoints"
-    remove_partial(ckpt_dir)  # half-written saves of a killed run: never loaded, so never kept
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last, damaged = verified_checkpoints(ckpt_dir)
     finished = (run_dir / "metrics.json").exists()
-    if resume:
-        if finished and not overwrite:
+    id_file = run_dir / tracking.RUN_ID_FILE
+    if cfg.get("resume"):
+        if finished and not cfg.get("overwrite"):
             raise ConfigError(f"{run_dir} holds a finished run (metrics.json); pass overwrite=true to redo it")
-        return last
-    if last or finished or (run_dir / tracking.RUN_ID_FILE).exists():
-        if not overwrite:
+        if damaged and last is None:
+            why = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
+            raise CheckpointError(f"no checkpoint in {ckpt_dir} can be resumed from ({why}); "
+                                  "pass overwrite=true without resume=true to start the run over")  # fmt: skip
+        record = run_dir / CONFIG_RECORD
+        changed = changed_keys(json.loads(record.read_text()), params) if record.exists() else []
+        if changed and not cfg.get("resume_changed"):
+            raise ConfigError(
+                f"resume=true with a config that differs from the one {run_dir} was started with: "
+                f"{'; '.join(changed)}; pass resume_changed=true to continue with the new values anyway "
+                "(logged), or overwrite=true without resume=true to start over"
+            )
+        return Claim(resume_from=str(last) if last else None, damaged=damaged, changed=changed)
+    if last or damaged or finished or id_file.exists():
+        if not cfg.get("overwrite"):
             raise ConfigError(
                 f"{run_dir} already holds a run; pass resume=true to continue it or overwrite=true to replace it"
             )
+        return Claim(clear=True, replaces=id_file.read_text().strip() if id_file.exists() else None)
+    return Claim()
+
+
+def _take(run_dir: Path, claim: Claim, params: dict[str, Any], hydra_pending: Path | None) -> None:
+    """Carry out the claim, now that everything that could be validated was: the only place an
+    earlier run's files are changed."""
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial(ckpt_dir)  # half-written saves of a killed run: never loaded, so never kept
+    if claim.clear:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        for name in ("metrics.json", tracking.RUN_ID_FILE):
+        for name in ("metrics.json", tracking.RUN_ID_FILE, CONFIG_RECORD):
             (run_dir / name).unlink(missing_ok=True)
-    return None
+    if claim.damaged:
+        set_aside(claim.damaged)
+        for path, problem in claim.damaged:
+            print(f"warning: {path.name} is damaged ({problem}); moved to .damaged-{path.name}; resuming from "
+                  f"{Path(claim.resume_from).name if claim.resume_from else 'the start'}", file=sys.stderr)  # fmt: skip
+    if claim.changed:
+        print(f"warning: resume_changed=true: resuming {run_dir} with {'; '.join(claim.changed)}", file=sys.stderr)
+    if claim.changed or not (run_dir / CONFIG_RECORD).exists():
+        atomic_write_text(run_dir / CONFIG_RECORD, json.dumps(params, indent=2, sort_keys=True, default=str))
+    if hydra_pending is not None and hydra_pending.is_dir():
+        _publish_hydra_record(hydra_pending)
+
+
+def _publish_hydra_record(pending: Path) -> None:
+    """Hydra's record of the command (`config.yaml`, `hydra.yaml`, `overrides.yaml`), written to
+    `pending` before the run was validated, becomes `.hydra/` next to it — redacted."""
+    import yaml
+
+    for path in pending.glob("*.yaml"):
+        tree = yaml.safe_load(path.read_text())
+        clean = redact_secrets({"_": tree})["_"]
+        path.write_text(yaml.safe_dump(clean, sort_keys=False))
+    publish(pending, pending.with_name(".hydra"))
 
 
 def _resource_metrics(model: torch.nn.Module) -> tuple[dict[str, float], dict[str, float]]:
@@ -280,12 +363,22 @@ def _final_metrics(trainer, prepared: tasks.Prepared) -> dict[str, float]:
     return {f"final_{k.removeprefix('eval_')}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
 
 
-def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
+def train(cfg: dict[str, Any], *, run_dir: Path, hydra_pending: Path | None = None) -> dict[str, Any]:
     """Run one training run from a resolved config (plain containers).
 
     Returns `{"metrics": {final_*: value}, "primary": key of the objective, "greater_is_better",
-    "run_id"}`, also written to `<run_dir>/metrics.json`.
+    "run_id"}`, also written to `<run_dir>/metrics.json`. `hydra_pending`: where Hydra wrote its
+    record of the command; it becomes `.hydra/` once the run may start, and is dropped otherwise.
     """
+    try:
+        return _train(cfg, run_dir, hydra_pending)
+    except BaseException:
+        if hydra_pending is not None and hydra_pending.is_dir() and distributed.is_main():
+            shutil.rmtree(hydra_pending, ignore_errors=True)  # a refused command leaves the old record alone
+        raise
+
+
+def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> dict[str, Any]:
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -296,21 +389,21 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
     if problem:
         raise ConfigError(problem)
     distributed.init(spec.trainer)
-    # Under torchrun only rank 0 claims (and may clear) the run directory; every rank then gets
-    # its outcome, so all resume from the same checkpoint or all stop with the same error.
-    claim: tuple[str | None, str | None] = (None, None)
+    params = redact_secrets({k: v for k, v in cfg.items() if k not in CONTROL_KEYS and k != "hydra"})
+    # Under torchrun only rank 0 decides about the run directory and probes the store; every rank
+    # then gets its outcome, so all resume from the same checkpoint or all stop with the same error.
+    # Nothing is changed on disk yet: that waits until data and model have loaded (`_take`).
+    claim, refused = Claim(), None
     if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            last = _claim_run_dir(run_dir, resume=bool(cfg.get("resume")), overwrite=bool(cfg.get("overwrite")))
-            claim = (last, None)
-        except ConfigError as e:
-            claim = (None, str(e))
-    resume_from, refused = distributed.share_from_main(claim)
-    if refused:
-        error = ConfigError(refused)
-        error.every_rank = True  # run.py lets all ranks say it before any exits (see there)
-        raise error
+            claim = _plan_claim(run_dir, cfg, params)
+            tracking.probe_store(spec.tracking, output_root=cfg["paths"]["output_root"])
+        except (ConfigError, CheckpointError, tracking.StoreError) as e:
+            refused = e
+    claim, refused = distributed.share_from_main((claim, refused))
+    if refused is not None:
+        refused.every_rank = True  # run.py lets all ranks say it before any exits (see there)
+        raise refused
     if spec.trainer.get("threads"):  # e.g. 1 per worker when a parallel launcher runs 2 trials on 2 cores
         torch.set_num_threads(spec.trainer["threads"])
     seed = cfg["seed"]
@@ -322,9 +415,14 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
     model = models.build_model(spec.model, head=prepared.head, num_labels=prepared.num_labels, tokenizer=tokenizer)
     target = model.model if isinstance(model, models.VisionClassifier) else model
     try:
+        footprint.check(target, spec.variant, spec.options)  # e.g. merge.num_experts=10**6: refused, not allocated
         upcycle(target, spec.variant, spec.options)
     except ValueError as e:  # options checked against the loaded model, e.g. merge.layers beyond its depth
         raise ConfigError(str(e)) from None
+    if distributed.is_main():
+        _take(run_dir, claim, params, hydra_pending)
+    distributed.barrier()
+    resume_from = claim.resume_from
 
     trainer_cls, _ = _trainer_classes(prepared.head == "seq2seq")
     trainer = trainer_cls(
@@ -341,7 +439,6 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
     trainer.decay_curvature = spec.options.curvature_decay
     trainer.score_generations = bool(prepared.extra.get("score_generations"))
 
-    params = redact_secrets({k: v for k, v in cfg.items() if k not in CONTROL_KEYS and k != "hydra"})
     tags = {
         "task": spec.task["name"],
         "model": spec.model["name"],
@@ -359,7 +456,10 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
         run_name=run_name,
         params=params,
         tags=tags,
+        replaces=claim.replaces,
     ) as tracker:
+        if claim.changed and tracker.enabled:  # resume_changed=true: the change stays on the run's record
+            tracker.log_text("\n".join(claim.changed) + "\n", f"resume_changed_step{_step_of(resume_from)}.txt")
         trainer.add_callback(_TrackerCallback(tracker))
         trainer.add_callback(curvature_callback(trainer, model, tracker))  # at every evaluation
         for callback in faults.injected_callbacks():  # fault injection for tests; none in normal use
@@ -368,9 +468,11 @@ def train(cfg: dict[str, Any], *, run_dir: Path) -> dict[str, Any]:
         tracker.log_dict(params, "config.json")
         with guard.deferred():
             trainer.train(resume_from_checkpoint=resume_from)
+        saved = get_last_checkpoint(trainer.args.output_dir) if os.path.isdir(trainer.args.output_dir) else None
         if guard.received is not None:
-            saved = get_last_checkpoint(trainer.args.output_dir) if os.path.isdir(trainer.args.output_dir) else None
             raise faults.RunInterrupted(guard.received, trainer.state.global_step, saved)
+        if tracker.lost is not None:  # the store failed mid-run: the loop checkpointed and stopped
+            raise tracking.StoreLost(trainer.state.global_step, tracker.lost, saved)
         final = _final_metrics(trainer, prepared)
         trainer.save_model(str(run_dir / "final_model"))  # the selected (best) weights, safetensors
         final["final_wall_seconds"] = time.time() - started

@@ -101,6 +101,9 @@ def parse_tag_filters(items: Iterable[str]) -> dict[str, str]:
     return tags
 
 
+REPLACED_TAG = "camex.replaced_by"  # = camex.tracking.REPLACED_TAG (not imported: reports load no torch)
+
+
 def _filter_string(tags: Mapping[str, str]) -> str:
     clauses = ["attributes.status = 'FINISHED'"]
     for key, value in tags.items():
@@ -132,6 +135,8 @@ def collect_runs(uri: str, experiments: Iterable[str] = (), tags: Mapping[str, s
             list(ids), filter_string=_filter_string(tags or {}), max_results=1000, page_token=token
         )
         for r in page:
+            if REPLACED_TAG in r.data.tags:  # overwritten by a later run of the same seed (issue 19)
+                continue
             if all(t in r.data.tags for t in REQUIRED_TAGS):
                 runs.append(
                     Run(

@@ -79,7 +79,7 @@ FAMILIES: dict[str, Family] = {
         head="image_classification",
         models=("timm",),
         required=("image_field", "label_field", "num_labels", "interpolation", "eval_crop_pct"),
-        optional={"train_augment": None, "verify_images": False, "image_mean": None, "image_std": None},
+        optional={"train_augment": None, "verify_images": True, "image_mean": None, "image_std": None},
         metrics=("top1",),
         local_suffixes=None,
     ),

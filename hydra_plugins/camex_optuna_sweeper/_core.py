@@ -313,10 +313,20 @@ class SweepLoop:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             print("error: " + " ".join(lines[:3]), file=sys.stderr)
             sys.exit(2)
+        except Exception as e:  # the study or tracking store unusable (damaged, locked, disk full): one line too
+            from camex.exits import STORAGE, storage_failure
+
+            problem = storage_failure(e)
+            if problem is None:
+                raise
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(STORAGE)
         return self._loop(study, lock, queue)
 
     def _prepare(self, arguments: list[str]) -> tuple[optuna.Study, Any, list[Planned]]:
         """Checks, the search space, the study and its parent run, and orphaned trials to adopt."""
+        from camex.config import inside
+
         self._check_options()
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         params = self.params
@@ -331,6 +341,9 @@ class SweepLoop:
         self.output_root = Path(str(self.config.paths.output_root)).resolve()
         experiment = str(self.config.get("experiment_name", "default"))
         self.name = self.study_name or f"{experiment}-{self.space.identity(self.sampler)}"
+        # the study name and experiment_name become folders: none may lead outside the output root
+        inside(str(self.output_root), str(self._run_dir(0)), key="the sweep's trial folder")
+        inside(str(self.config.paths.output_root), str(self.config.hydra.sweep.dir), key="hydra.sweep.dir")
         self.storage_url = self.storage or studies.default_storage(self.output_root)
         tracking_cfg = OmegaConf.to_container(self.config.tracking, resolve=True)
         tracking_cfg = tracking.resolve_store(tracking_cfg, output_root=self.output_root)  # a server must answer
