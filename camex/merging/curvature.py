@@ -188,8 +188,30 @@ def kronecker_apply(tau: torch.Tensor, factors: Sequence[torch.Tensor], *, scale
     if math.prod(dims) != math.prod(tau.shape[1:]):
         raise ValueError(f"factor dims {dims} do not tile a tensor of shape {tuple(tau.shape[1:])}")
     with torch.autocast(tau.device.type, enabled=False):  # parameter-only maths, in the parameters' dtype
-        out = _KroneckerSum.apply(tau.reshape(n, *dims), scale, *factors)
-    return out.view_as(tau)
+        x = tau.reshape(n, *dims)
+        if torch.compiler.is_compiling():  # a static graph of plain products for the compiler to fuse
+            out = kronecker_traced(x, factors, scale=scale)
+        else:
+            out = _KroneckerSum.apply(x, scale, *factors)
+    return out.reshape(tau.shape)
+
+
+_LETTERS = "abcdefgh"
+
+
+def kronecker_traced(x: torch.Tensor, factors: Sequence[torch.Tensor], *, scale: float = 1.0) -> torch.Tensor:
+    """`scale · Σ_ρ f_ρ,0 ×_0 (... (f_ρ,m-1 ×_{m-1} x))` for `x` `[n, d_0, ..., d_{m-1}]` by plain
+    autograd, one einsum per mode and term: what `torch.compile` traces, and a reference."""
+    m = len(factors)
+    modes = _LETTERS[:m]
+    out = None
+    for rho in range(factors[0].shape[0]):
+        h = x
+        for k in _order(m):
+            spec = f"nz{modes[k]},n{modes}->n{modes[:k]}z{modes[k + 1 :]}"
+            h = torch.einsum(spec, factors[k][rho], h)
+        out = h if out is None else out + h
+    return out * scale
 
 
 def identity_factors(r: int, n: int, dims: Sequence[int]) -> list[torch.Tensor]:
