@@ -21,6 +21,9 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from camex.kernels import kronecker as kernels
+from camex.kernels.kronecker import kronecker_triton
+
 
 def nearest_factors(d: int) -> tuple[int, int]:
     """`(f, d / f)` with `f` the largest divisor of `d` not above `⌊√d⌋` (768 → (24, 32))."""
@@ -191,9 +194,23 @@ def kronecker_apply(tau: torch.Tensor, factors: Sequence[torch.Tensor], *, scale
         x = tau.reshape(n, *dims)
         if torch.compiler.is_compiling():  # a static graph of plain products for the compiler to fuse
             out = kronecker_traced(x, factors, scale=scale)
+        elif fused_kernel(x, factors):
+            out = kronecker_triton(x, factors, scale=scale).to(x.dtype)
         else:
             out = _KroneckerSum.apply(x, scale, *factors)
     return out.reshape(tau.shape)
+
+
+# The fused Triton kernels (`camex.kernels.kronecker`): None picks them for CUDA tensors whenever
+# Triton is installed; False keeps the PyTorch passes everywhere (the fallback and reference).
+FUSED: bool | None = None
+
+
+def fused_kernel(x: torch.Tensor, factors: Sequence[torch.Tensor]) -> bool:
+    """Whether `kronecker_apply` runs the fused Triton kernels for these operands."""
+    if FUSED is False or not x.is_cuda or len(factors) not in (2, 4) or not kernels.available():
+        return False
+    return all(f.is_cuda for f in factors)
 
 
 _LETTERS = "abcdefgh"
