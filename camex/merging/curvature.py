@@ -50,8 +50,9 @@ def _mode_into(
     """`out (+)= alpha · (f ×_k x)`: multiply `f` `[n, d, d]` into mode `k` of `x` `[n, d_0, ..., d_{m-1}]`.
 
     `x` and `out` are contiguous and distinct. An outer mode is one `baddbmm` on views (the
-    accumulation and `alpha` ride on the GEMM); an inner mode is one GEMM per expert with the
-    expert's factor broadcast over the outer rows (batch stride 0), so no copy of `x` or `f` is made.
+    accumulation and `alpha` ride on the GEMM); an inner mode is one GEMM for all experts with
+    each expert's factor copied over its outer rows where that copy is small (`_batch_inner`),
+    else one GEMM per expert with the factor broadcast (batch stride 0), so `x` is never copied.
     """
     n, dims = x.shape[0], x.shape[1:]
     d, beta = dims[k], 1.0 if accumulate else 0.0
@@ -67,9 +68,23 @@ def _mode_into(
         raise ValueError("inner modes neither accumulate nor scale")
     pre = math.prod(dims[:k])
     xv, ov = x.view(n, pre, d, -1), out.view(n, pre, d, -1)
+    if _batch_inner(n, d, xv.shape[-1]):
+        fs = f.unsqueeze(1).expand(n, pre, d, d).reshape(n * pre, d, d)
+        torch.bmm(fs, xv.view(n * pre, d, -1), out=ov.view(n * pre, d, -1))
+        return out
     for i in range(n):
         torch.bmm(f[i].expand(pre, d, d), xv[i], out=ov[i])
     return out
+
+
+# An inner-mode product or contraction runs as one GEMM over all experts (one parallel region
+# instead of one per expert: on a busy machine every region waits for its slowest thread) when
+# the `[n, pre, d, d]` per-row factor block it needs is at most 1/INNER_COPY_RATIO of the operand.
+INNER_COPY_RATIO = 8
+
+
+def _batch_inner(n: int, d: int, post: int) -> bool:
+    return n > 1 and d * INNER_COPY_RATIO <= post
 
 
 def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, *, alpha: float = 1.0) -> None:
@@ -84,10 +99,15 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
     else:
         pre = math.prod(dims[:k])
         gv, hv = g.view(n, pre, d, -1), h.view(n, pre, d, -1)
-        partial = g.new_empty(pre, d, d)  # one expert's per-row products, reused across experts
-        for i in range(n):
-            torch.bmm(gv[i], hv[i].transpose(1, 2), out=partial)
-            torch.sum(partial, 0, out=out[i])
+        if _batch_inner(n, d, gv.shape[-1]):  # every expert's per-row products at once
+            post = gv.shape[-1]
+            partial = torch.bmm(gv.view(n * pre, d, post), hv.view(n * pre, d, post).transpose(1, 2))
+            torch.sum(partial.view(n, pre, d, d), 1, out=out)
+        else:
+            partial = g.new_empty(pre, d, d)  # one expert's per-row products, reused across experts
+            for i in range(n):
+                torch.bmm(gv[i], hv[i].transpose(1, 2), out=partial)
+                torch.sum(partial, 0, out=out[i])
         if alpha != 1.0:
             out.mul_(alpha)
 
