@@ -57,8 +57,15 @@ def test_fused_curvature_matches_pytorch_under_the_triton_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
-def test_fused_kernel_is_chosen_on_cuda_only(monkeypatch):
+def test_fused_kernel_is_chosen_on_cuda_only_where_its_tiles_fit(monkeypatch):
+    pytest.importorskip("triton")
+    from camex.kernels import kronecker
     from camex.merging import curvature
+
+    small = [torch.zeros(1, 2, d, d) for d in (3, 5, 3, 7)]
+    t5 = [torch.zeros(1, 2, d, d) for d in (48, 64, 24, 32)]  # 3072 x 768: o2 = 64 does not fit yet
+    assert kronecker.fits(torch.zeros(2, 15, 21), small)
+    assert not kronecker.fits(torch.zeros(2, 3072, 768), t5)
 
     x = torch.zeros(2, 3, 5)
     factors = [torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 5, 5)]
@@ -73,8 +80,9 @@ def test_fused_kernel_is_chosen_on_cuda_only(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_curvature_matches_pytorch_on_cuda():
-    """Compiled kernels, small odd shapes and the T5-base FFN shape (3072 × 768 = 48·64 × 24·32)."""
+    """Compiled kernels, small odd shapes and the largest FFN-like shape whose tiles fit
+    (512 × 1024 = 16·32 × 32·32)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     scope: dict = {}
     exec(CHECK, scope)
-    scope["run"]("cuda", eval(SMALL) + [((48, 64, 24, 32), 7), ((48, 64), 7)])
+    scope["run"]("cuda", eval(SMALL) + [((16, 32, 32, 32), 7), ((16, 32), 7)])

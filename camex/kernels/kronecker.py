@@ -177,6 +177,25 @@ if triton is not None:
 _ROW_ELEMS, _COL_WIDTH = 8192, 16
 
 
+# Largest register tile (elements) a kernel is launched with by default. The column passes hold
+# `B` broadcast over `o1` (`[o1, o2, o2]`, padded) and the row passes `C` over a row tile, so the
+# paper's 768/3072 FFN shapes (o2 = 64: a 64³ tile) do not fit yet: `fits` is False for them and
+# `camex.merging.curvature` keeps the PyTorch passes there.
+TILE_BUDGET = 16384
+
+
+def fits(x: torch.Tensor, factors) -> bool:
+    """Whether every register tile of the kernels for `x` `[n, *dims]` stays within `TILE_BUDGET`."""
+    dims = [f.shape[-1] for f in factors]
+    q1, q2 = _pad(dims[0]), _pad(dims[1])
+    tiles = [q1 * q2 * q2, q1 * q2 * _COL_WIDTH, q1 * q1]
+    if len(dims) == 4:
+        p1, p2 = _pad(dims[2]), _pad(dims[3])
+        br = _row_tile(p1, p2)
+        tiles += [br * p1 * p1, br * p1 * p2, br * p2 * p1]
+    return max(tiles) <= TILE_BUDGET
+
+
 def _dot_precision(x: torch.Tensor) -> str:
     return "tf32" if x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 

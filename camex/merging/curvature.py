@@ -222,7 +222,8 @@ def kronecker_apply(tau: torch.Tensor, factors: Sequence[torch.Tensor], *, scale
 
 
 # The fused Triton kernels (`camex.kernels.kronecker`): None picks them for CUDA tensors whenever
-# Triton is installed; False keeps the PyTorch passes everywhere (the fallback and reference).
+# Triton is installed and their tiles fit (`kernels.fits`); True also where they do not fit (may
+# fail to compile); False keeps the PyTorch passes everywhere (the fallback and reference).
 FUSED: bool | None = None
 
 
@@ -230,7 +231,7 @@ def fused_kernel(x: torch.Tensor, factors: Sequence[torch.Tensor]) -> bool:
     """Whether `kronecker_apply` runs the fused Triton kernels for these operands."""
     if FUSED is False or not x.is_cuda or len(factors) not in (2, 4) or not kernels.available():
         return False
-    return all(f.is_cuda for f in factors)
+    return all(f.is_cuda for f in factors) and (FUSED is True or kernels.fits(x, factors))
 
 
 _LETTERS = "abcdefgh"
