@@ -186,7 +186,13 @@ def run_shapes(benchmark: str, args: argparse.Namespace, *, shapes: dict, run_sh
     results = {
         "benchmark": benchmark,
         "environment": environment(device),
-        "settings": {"dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats, "tiny": args.tiny},
+        "settings": {
+            "dtype": args.dtype,
+            "autocast": getattr(args, "autocast", False),
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "tiny": args.tiny,
+        },
         "shapes": {},
     }
     for name in args.shapes:

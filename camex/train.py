@@ -186,6 +186,7 @@ def _training_args(spec: RunSpec, prepared: tasks.Prepared, run_dir: Path, seed:
         dataloader_num_workers=t["num_workers"],
         bf16=t["precision"] == "bf16",
         fp16=t["precision"] == "fp16",
+        torch_compile=bool(t["compile"]),
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=prepared.extra.get("remove_unused_columns", True),
     )

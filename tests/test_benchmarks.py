@@ -118,3 +118,35 @@ def test_released_reference_computes_the_same_layer(shape, rank):
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_gpu_check_summary_reads_what_the_benchmarks_write(tmp_path, one_thread):
+    """The pieces of scripts/gpu_check.sh that run without a GPU: its shell syntax, the layer
+    benchmark under bf16 autocast, and the summary JSON built from what the steps wrote."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run(["bash", "-n", str(root / "scripts" / "gpu_check.sh")]).returncode == 0
+    sys.path.insert(0, str(root / "scripts"))
+    import gpu_check_summary
+
+    args = ["--tiny", "--repeats", "1", "--warmup", "0", "--shapes", "t5", "--no-memory"]
+    cases = ["--cases", "dense", "euclid", "camex_r1", "camex_r8"]
+    layer_bench.main(
+        [*args, *cases, "--dtype", "bfloat16", "--autocast", "--out", str(tmp_path / "layer_bf16.json"), *one_thread]
+    )
+    (tmp_path / "steps.tsv").write_text("layer_bf16\t0\t3\ntrain_bert\tskipped\t0\n")
+    assert gpu_check_summary.main([str(tmp_path)]) == 0
+    layer = json.loads((tmp_path / "layer_bf16.json").read_text())
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert layer["settings"]["autocast"] is True and layer["settings"]["dtype"] == "bfloat16"
+    got = summary["layer"]["t5/bf16"]
+    for name, row in layer["shapes"]["t5"]["cases"].items():
+        assert got["cases"][name] == {"ms": row["median_ms"], "x_dense": row["x_dense_time"]}
+    assert {t["target"] for t in got["targets"]} >= {"camex_r1 time × dense", "camex_r8 time × dense"}
+    assert summary["steps"] == {
+        "layer_bf16": {"exit": 0, "seconds": 3},
+        "train_bert": {"exit": "skipped", "seconds": 0},
+    }
+    assert summary["commit"] == tracking.git_commit()
+    assert gpu_check_summary.main([str(tmp_path / "missing")]) == 2

@@ -110,6 +110,7 @@ def test_task_presets_pick_the_papers_model_and_cli_wins():
 @pytest.mark.parametrize(("override", "message"), [
     ({"threads": 0}, "trainer.threads=0 is invalid; allowed: null or an integer >= 1"),
     ({"keep_checkpoints": "no"}, "trainer.keep_checkpoints='no' is invalid; allowed: true or false"),
+    ({"compile": "yes"}, "trainer.compile='yes' is invalid; allowed: true or false"),
 ])  # fmt: skip
 def test_cpu_trainer_options_are_validated(override, message):
     from camex.config import _check_trainer
@@ -118,3 +119,14 @@ def test_cpu_trainer_options_are_validated(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         _check_trainer(trainer)
     _check_trainer(_compose(["trainer=cpu_mini"])["trainer"])  # the preset itself is valid
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_trainer_compile_reaches_the_trainer(value, tmp_path):
+    from camex.tasks import Prepared
+    from camex.train import _training_args
+
+    cfg = _resolved(["trainer=tiny", "model=tiny_bert", "tracking=none", f"trainer.compile={str(value).lower()}"])
+    spec = validate(cfg)
+    prepared = Prepared(None, None, None, "sequence_classification", 2, lambda p: {}, "accuracy", True)
+    assert _training_args(spec, prepared, tmp_path, 0).torch_compile is value

@@ -14,12 +14,15 @@ from camex.moe import KroneckerCurvature, MergedExpertLinear, NoisyTopKGate, Uni
 F64 = torch.float64
 
 
-@pytest.fixture(params=["one-block", "blocks-of-one", "rows-of-one-kept"])
+@pytest.fixture(params=["one-block", "blocks-of-one", "rows-of-one-kept", "inner-batched"])
 def blocks(request, monkeypatch):
     """Run each test with the whole tensor as one block; with one expert per curvature block and
-    one output row per merged-linear tile, the weights rebuilt in the backward pass; and with
-    rows of one whose weights are kept for the backward pass."""
-    if request.param != "one-block":
+    one output row per merged-linear tile, the weights rebuilt in the backward pass; with
+    rows of one whose weights are kept for the backward pass; and with every inner-mode product
+    and contraction run as one GEMM over all experts."""
+    if request.param == "inner-batched":
+        monkeypatch.setattr(curvature, "INNER_COPY_RATIO", 0)
+    elif request.param != "one-block":
         monkeypatch.setattr(curvature, "CPU_BLOCK_BYTES", 1)
         monkeypatch.setattr(merge, "CPU_BLOCK_BYTES", 1)
     if request.param == "blocks-of-one":

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from camex.kernels import kronecker as kernels
+from camex.kernels.kronecker import kronecker_triton
+
 
 def nearest_factors(d: int) -> tuple[int, int]:
     """`(f, d / f)` with `f` the largest divisor of `d` not above `⌊√d⌋` (768 → (24, 32))."""
@@ -47,8 +50,9 @@ def _mode_into(
     """`out (+)= alpha · (f ×_k x)`: multiply `f` `[n, d, d]` into mode `k` of `x` `[n, d_0, ..., d_{m-1}]`.
 
     `x` and `out` are contiguous and distinct. An outer mode is one `baddbmm` on views (the
-    accumulation and `alpha` ride on the GEMM); an inner mode is one GEMM per expert with the
-    expert's factor broadcast over the outer rows (batch stride 0), so no copy of `x` or `f` is made.
+    accumulation and `alpha` ride on the GEMM); an inner mode is one GEMM for all experts with
+    each expert's factor copied over its outer rows where that copy is small (`_batch_inner`),
+    else one GEMM per expert with the factor broadcast (batch stride 0), so `x` is never copied.
     """
     n, dims = x.shape[0], x.shape[1:]
     d, beta = dims[k], 1.0 if accumulate else 0.0
@@ -64,9 +68,23 @@ def _mode_into(
         raise ValueError("inner modes neither accumulate nor scale")
     pre = math.prod(dims[:k])
     xv, ov = x.view(n, pre, d, -1), out.view(n, pre, d, -1)
+    if _batch_inner(n, d, xv.shape[-1]):
+        fs = f.unsqueeze(1).expand(n, pre, d, d).reshape(n * pre, d, d)
+        torch.bmm(fs, xv.view(n * pre, d, -1), out=ov.view(n * pre, d, -1))
+        return out
     for i in range(n):
         torch.bmm(f[i].expand(pre, d, d), xv[i], out=ov[i])
     return out
+
+
+# An inner-mode product or contraction runs as one GEMM over all experts (one parallel region
+# instead of one per expert: on a busy machine every region waits for its slowest thread) when
+# the `[n, pre, d, d]` per-row factor block it needs is at most 1/INNER_COPY_RATIO of the operand.
+INNER_COPY_RATIO = 8
+
+
+def _batch_inner(n: int, d: int, post: int) -> bool:
+    return n > 1 and d * INNER_COPY_RATIO <= post
 
 
 def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, *, alpha: float = 1.0) -> None:
@@ -81,10 +99,15 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
     else:
         pre = math.prod(dims[:k])
         gv, hv = g.view(n, pre, d, -1), h.view(n, pre, d, -1)
-        partial = g.new_empty(pre, d, d)  # one expert's per-row products, reused across experts
-        for i in range(n):
-            torch.bmm(gv[i], hv[i].transpose(1, 2), out=partial)
-            torch.sum(partial, 0, out=out[i])
+        if _batch_inner(n, d, gv.shape[-1]):  # every expert's per-row products at once
+            post = gv.shape[-1]
+            partial = torch.bmm(gv.view(n * pre, d, post), hv.view(n * pre, d, post).transpose(1, 2))
+            torch.sum(partial.view(n, pre, d, d), 1, out=out)
+        else:
+            partial = g.new_empty(pre, d, d)  # one expert's per-row products, reused across experts
+            for i in range(n):
+                torch.bmm(gv[i], hv[i].transpose(1, 2), out=partial)
+                torch.sum(partial, 0, out=out[i])
         if alpha != 1.0:
             out.mul_(alpha)
 
@@ -188,8 +211,45 @@ def kronecker_apply(tau: torch.Tensor, factors: Sequence[torch.Tensor], *, scale
     if math.prod(dims) != math.prod(tau.shape[1:]):
         raise ValueError(f"factor dims {dims} do not tile a tensor of shape {tuple(tau.shape[1:])}")
     with torch.autocast(tau.device.type, enabled=False):  # parameter-only maths, in the parameters' dtype
-        out = _KroneckerSum.apply(tau.reshape(n, *dims), scale, *factors)
-    return out.view_as(tau)
+        x = tau.reshape(n, *dims)
+        if torch.compiler.is_compiling():  # a static graph of plain products for the compiler to fuse
+            out = kronecker_traced(x, factors, scale=scale)
+        elif fused_kernel(x, factors):
+            out = kronecker_triton(x, factors, scale=scale).to(x.dtype)
+        else:
+            out = _KroneckerSum.apply(x, scale, *factors)
+    return out.reshape(tau.shape)
+
+
+# The fused Triton kernels (`camex.kernels.kronecker`): None picks them for CUDA tensors whenever
+# Triton is installed and their tiles fit (`kernels.fits`); True also where they do not fit (may
+# fail to compile); False keeps the PyTorch passes everywhere (the fallback and reference).
+FUSED: bool | None = None
+
+
+def fused_kernel(x: torch.Tensor, factors: Sequence[torch.Tensor]) -> bool:
+    """Whether `kronecker_apply` runs the fused Triton kernels for these operands."""
+    if FUSED is False or not x.is_cuda or len(factors) not in (2, 4) or not kernels.available():
+        return False
+    return all(f.is_cuda for f in factors) and (FUSED is True or kernels.fits(x, factors))
+
+
+_LETTERS = "abcdefgh"
+
+
+def kronecker_traced(x: torch.Tensor, factors: Sequence[torch.Tensor], *, scale: float = 1.0) -> torch.Tensor:
+    """`scale · Σ_ρ f_ρ,0 ×_0 (... (f_ρ,m-1 ×_{m-1} x))` for `x` `[n, d_0, ..., d_{m-1}]` by plain
+    autograd, one einsum per mode and term: what `torch.compile` traces, and a reference."""
+    m = len(factors)
+    modes = _LETTERS[:m]
+    out = None
+    for rho in range(factors[0].shape[0]):
+        h = x
+        for k in _order(m):
+            spec = f"nz{modes[k]},n{modes}->n{modes[:k]}z{modes[k + 1 :]}"
+            h = torch.einsum(spec, factors[k][rho], h)
+        out = h if out is None else out + h
+    return out * scale
 
 
 def identity_factors(r: int, n: int, dims: Sequence[int]) -> list[torch.Tensor]:

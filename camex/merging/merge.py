@@ -80,26 +80,38 @@ class _MergedLinear(torch.autograd.Function):
     writes `∂Ŵ` over them once `∂x` is known (unless autograd keeps the graph for another
     backward); otherwise it rebuilds each tile (a `[units, n] @ [n, rows·I]` product, cheap next to
     the token matmuls) in a tile-sized buffer and writes `∂Ŵ` over that.
+
+    Mixed precision: `x` may come in a lower precision than the parameters (autocast). The merge
+    and every reduction onto the parameters' gradients then stay in the parameters' dtype (fp32
+    accumulation) in a tile-sized buffer, and only the token products run in `x`'s dtype, on a
+    copy of each merged tile in that dtype, as autocast's own linear would.
     """
 
     @staticmethod
     def forward(ctx, x, base, deltas, scores, alpha, base_bias, delta_bias):
-        units, n = scores.shape
-        rows, keep = row_tile(base, units, n), keeps_weights(base, units)
-        bias = None if base_bias is None else merge_flat(base_bias, delta_bias, scores, alpha)
-        y = x.new_empty((*x.shape[:-1], base.shape[0]))
-        buffer = base.new_empty(units * (base.shape[0] if keep else rows) * base.shape[1])
-        for r in _blocks(base.shape[0], rows):
-            w = _merge_rows(buffer, base, deltas, scores, alpha, r, kept=keep)
-            _apply(x, w, None if bias is None else bias[:, r], out=y[..., r])
+        with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen here
+            units, n = scores.shape
+            rows, keep = row_tile(base, units, n), keeps_weights(base, units)
+            bias = None if base_bias is None else merge_flat(base_bias, delta_bias, scores, alpha).to(x.dtype)
+            y = x.new_empty((*x.shape[:-1], base.shape[0]))
+            weights = x.new_empty(units * (base.shape[0] if keep else rows) * base.shape[1])
+            merged = _merge_buffer(x, base, units, rows)
+            for r in _blocks(base.shape[0], rows):
+                w = _merge_rows(weights, merged, base, deltas, scores, alpha, r, kept=keep)
+                _apply(x, w, None if bias is None else bias[:, r], out=y[..., r])
         ctx.alpha, ctx.rows = alpha, rows
-        ctx.save_for_backward(x, base, deltas, scores, buffer if keep else None, delta_bias)
+        ctx.save_for_backward(x, base, deltas, scores, weights if keep else None, delta_bias)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         x, base, deltas, scores, weight, delta_bias = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            return _MergedLinear._backward(ctx, grad.to(x.dtype), x, base, deltas, scores, weight, delta_bias)
+
+    @staticmethod
+    def _backward(ctx, grad, x, base, deltas, scores, weight, delta_bias):
         need_x, need_base, need_deltas, need_scores, _, need_bias, need_dbias = ctx.needs_input_grad
         alpha, rows = ctx.alpha, ctx.rows
         units, n = scores.shape
@@ -111,11 +123,12 @@ class _MergedLinear(torch.autograd.Function):
         need_w = need_base or need_deltas or need_scores
         scratch = None  # where ∂Ŵ of a tile goes, unless it can overwrite the kept weights
         if weight is None or (need_w and _graph_is_kept()):
-            scratch = base.new_empty(units * rows * base.shape[1])
+            scratch = x.new_empty(units * rows * base.shape[1])
+        merged = _merge_buffer(x, base, units, rows) if weight is None or need_w else None
         scaled = scores.t() * alpha  # [n, units]
         for r in _blocks(base.shape[0], rows):
             if weight is None:
-                w = _merge_rows(scratch, base, deltas, scores, alpha, r, kept=False)
+                w = _merge_rows(scratch, merged, base, deltas, scores, alpha, r, kept=False)
             else:
                 w = _tile(weight, units, r, base.shape[1], kept=True)
             g = grad[..., r]
@@ -124,7 +137,10 @@ class _MergedLinear(torch.autograd.Function):
             if not need_w:
                 continue
             target = w if scratch is None else _tile(scratch, units, r, base.shape[1], kept=False)
-            gw = torch.bmm(g.transpose(1, 2), x, out=target).view(units, -1)
+            gw = torch.bmm(g.transpose(1, 2), x, out=target)
+            if merged is not None:  # lower-precision ∂Ŵ: reduce it onto the parameters in their dtype
+                gw = _tile(merged, units, r, base.shape[1], kept=False).copy_(gw)
+            gw = gw.view(units, -1)
             if need_base:
                 torch.sum(gw, 0, out=grad_base[r].view(-1))
             if need_deltas:
@@ -135,12 +151,18 @@ class _MergedLinear(torch.autograd.Function):
             grad_scores.mul_(alpha)
         grad_bias = grad_dbias = None
         if delta_bias is not None:
-            grad_b = grad.sum(1)  # [units, O]
+            grad_b = grad.sum(1, dtype=base.dtype)  # [units, O]
             grad_bias = grad_b.sum(0) if need_bias else None
             grad_dbias = torch.mm(scores.t(), grad_b).mul_(alpha) if need_dbias else None
             if need_scores:
                 torch.addmm(grad_scores, grad_b, delta_bias.t(), alpha=alpha, out=grad_scores)
         return grad_x, grad_base, grad_deltas, grad_scores, None, grad_bias, grad_dbias
+
+
+def _merge_buffer(x: torch.Tensor, base: torch.Tensor, units: int, rows: int) -> torch.Tensor | None:
+    """A tile in the parameters' dtype for the merge product, where the token products run in a
+    lower one (None where they share one dtype: the merge then writes the weights directly)."""
+    return None if x.dtype == base.dtype else base.new_empty(units * rows * base.shape[1])
 
 
 def _blocks(n: int, size: int):
@@ -156,10 +178,14 @@ def _tile(buffer: torch.Tensor, units: int, rows: slice, width: int, *, kept: bo
     return buffer[start : start + units * count * width].view(units, count, width)
 
 
-def _merge_rows(buffer: torch.Tensor, base, deltas, scores, alpha, rows: slice, *, kept: bool) -> torch.Tensor:
-    """The merged weights' output rows `rows` for every unit, `[units, len(rows), I]`, in `buffer`."""
+def _merge_rows(buffer, merged, base, deltas, scores, alpha, rows: slice, *, kept: bool) -> torch.Tensor:
+    """The merged weights' output rows `rows` for every unit, `[units, len(rows), I]`, in `buffer`
+    (merged in `merged`, in the parameters' dtype, first where `buffer` holds a lower precision)."""
     w = _tile(buffer, scores.shape[0], rows, base.shape[1], kept=kept)
-    return merge_flat(base[rows], deltas[:, rows], scores, alpha, out=w)
+    if merged is None:
+        return merge_flat(base[rows], deltas[:, rows], scores, alpha, out=w)
+    t = _tile(merged, scores.shape[0], rows, base.shape[1], kept=False)
+    return w.copy_(merge_flat(base[rows], deltas[:, rows], scores, alpha, out=t))
 
 
 def _apply(x, weight, bias, out=None) -> torch.Tensor:
@@ -179,17 +205,34 @@ def merged_linear(
 ) -> torch.Tensor:
     """Each routed unit's tokens through its merged weight: `y_u = x_u Ŵ_uᵀ (+ b̂_u)`.
 
-        `x` is `[units, T, I]`, `base` `[O, I]`, `deltas` `[n, O, I]`, `scores` `[units, n]`; the bias
-        pair is `[O]` and `[n, O]`. Same result as `merge_flat` followed by a batched matmul, with the
-        leaner backward of `_MergedLinear`. Inputs of another dtype than the deltas, or autocast,
-    take that plain path.
+    `x` is `[units, T, I]`, `base` `[O, I]`, `deltas` `[n, O, I]`, `scores` `[units, n]`; the bias
+    pair is `[O]` and `[n, O]`. Same result as `merge_flat` followed by a batched matmul, with the
+    leaner backward of `_MergedLinear`. Under autocast the token products run in autocast's dtype
+    and the merge in the parameters' dtype (as autocast's linear casts an fp32 weight); inputs of
+    another dtype than the deltas outside autocast take the plain path. Under `torch.compile` the
+    plain formulation is traced instead of the tile loop (one tile of all rows, as off the CPU),
+    so the compiler sees one static graph and fuses the merge itself.
     """
     if (base_bias is None) != (delta_bias is None):
         raise ValueError("give both the base bias and the bias deltas, or neither")
     scores = scores.to(deltas.dtype)
-    if x.dtype != deltas.dtype or torch.is_autocast_enabled(x.device.type):  # autocast picks the dtypes
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+        if deltas.is_floating_point() and deltas.element_size() > torch.finfo(low).bits // 8:
+            x = x.to(low)  # only ever down, as autocast's own matmuls cast
+    elif x.dtype != deltas.dtype:
+        return _plain(x, base, deltas, scores, alpha, base_bias, delta_bias)
+    if torch.compiler.is_compiling():
+        return _plain(x, base, deltas, scores, alpha, base_bias, delta_bias)
+    with torch.autocast(device, enabled=False):
+        return _MergedLinear.apply(x, base, deltas, scores, alpha, base_bias, delta_bias)
+
+
+def _plain(x, base, deltas, scores, alpha, base_bias, delta_bias) -> torch.Tensor:
+    """`merge_flat` and a batched matmul in `x`'s dtype, by plain autograd."""
+    with torch.autocast(x.device.type, enabled=False):
         weight = merge_flat(base, deltas, scores, alpha).to(x.dtype).transpose(1, 2)
         if base_bias is None:
             return torch.bmm(x, weight)
         return torch.baddbmm(merge_flat(base_bias, delta_bias, scores, alpha).to(x.dtype).unsqueeze(1), x, weight)
-    return _MergedLinear.apply(x, base, deltas, scores, alpha, base_bias, delta_bias)

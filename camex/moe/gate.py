@@ -14,6 +14,12 @@ def cv_squared(v: torch.Tensor) -> torch.Tensor:
     return v.float().var() / (v.float().mean() ** 2 + 1e-10)
 
 
+def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """Standard normal CDF (what `torch.distributions.Normal(0, 1).cdf` computes, without building
+    a distribution object on every call, which `torch.compile` cannot trace)."""
+    return 0.5 * (1.0 + torch.erf(z * 0.5**0.5))
+
+
 class NoisyTopKGate(nn.Module):
     """Scores `[units, n]` for pooled unit inputs `[units, d]`; rows sum to one.
 
@@ -34,6 +40,14 @@ class NoisyTopKGate(nn.Module):
         self.pending_aux: torch.Tensor | None = None
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        # Routing runs in at least fp32 whatever the input's dtype or autocast: top-k choices and
+        # the softmax are sensitive to rounding, the gate is tiny, and the scores feed the merge,
+        # which accumulates in the parameters' dtype.
+        dtype = torch.promote_types(self.w_gate.dtype, torch.float32)
+        with torch.autocast(u.device.type, enabled=False):
+            return self._route(u.to(dtype))
+
+    def _route(self, u: torch.Tensor) -> torch.Tensor:
         clean = u @ self.w_gate.to(u.dtype)
         noisy = self.training and self.noisy
         if noisy:
@@ -43,7 +57,7 @@ class NoisyTopKGate(nn.Module):
             logits = clean
         k, n = self.top_k, self.num_experts
         top_val, top_idx = logits.topk(min(k + 1, n), dim=-1)
-        weights = torch.softmax(top_val[:, :k].float(), dim=-1).to(u.dtype)
+        weights = torch.softmax(top_val[:, :k], dim=-1)
         scores = torch.zeros_like(logits).scatter(-1, top_idx[:, :k], weights)
 
         if k < n and noisy:
@@ -60,9 +74,8 @@ class NoisyTopKGate(nn.Module):
         threshold_in = top_val[:, k : k + 1]  # the competitor an expert inside the top k must beat
         threshold_out = top_val[:, k - 1 : k]  # the k-th value an expert outside must beat
         is_in = noisy > threshold_in
-        normal = torch.distributions.Normal(0.0, 1.0)
-        p_in = normal.cdf((clean - threshold_in) / std)
-        p_out = normal.cdf((clean - threshold_out) / std)
+        p_in = _normal_cdf((clean - threshold_in) / std)
+        p_out = _normal_cdf((clean - threshold_out) / std)
         return torch.where(is_in, p_in, p_out)
 
     def pop_aux(self) -> torch.Tensor | None:

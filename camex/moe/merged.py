@@ -129,8 +129,9 @@ class MergedExpertLinear(nn.Module):
         """`(E_m, γ̃, b_m, γ̃_b)`; the merge applies α inside its product. Outside training with
         autograd off this depends on parameters only, so it is cached until a parameter changes
         (test-time reparameterisation): evaluation then costs what Euclidean merging costs.
-        `eval_cache = False` turns the cache off (for benchmarks and debugging)."""
-        if self.eval_cache and not self.training and not torch.is_grad_enabled():
+        `eval_cache = False` turns the cache off (for benchmarks and debugging); a compiled
+        forward computes the operands in its graph (the cache key reads storage addresses)."""
+        if self.eval_cache and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._eval_cache.get(parameter_key(self.dependencies()), self._operands)
         self._eval_cache.clear()
         return self._operands()

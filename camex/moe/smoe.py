@@ -55,5 +55,6 @@ class TokenMoELinear(nn.Module):
                 continue
             bias = None if self.expert_bias is None else self.expert_bias[e]
             y = F.linear(tokens[idx], self.expert_weight[e], bias)
-            out = out.index_add(0, idx, y * routing.scores[idx, e, None].to(y.dtype))
+            # under autocast `y` is in the low precision while `out` keeps the input's dtype
+            out = out.index_add(0, idx, (y * routing.scores[idx, e, None].to(y.dtype)).to(out.dtype))
         return out.view(*x.shape[:-1], self.out_features)

@@ -1,0 +1,1 @@
+"""Hand-written accelerator kernels (Triton). Pure tensor maths: nothing here imports the rest of camex."""
