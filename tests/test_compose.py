@@ -1,0 +1,212 @@
+"""camex.compose: an MoE from a base model and several fine-tunes of it (MERGEME.md)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, VOCAB, Tiny, _lm_batch
+
+import camex
+from camex import MoEOptions
+from camex.accounting import count_parameters
+from camex.compose import ComposeError, SharedMerge, merge_task_vectors, set_domains
+from camex.compose.shared import METHODS
+from camex.moe import MergedExpertLinear, TokenMoELinear
+from camex.upcycle import plan_for
+
+DOMAINS = ("news", "code", "tweets")
+
+
+def llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+ARCHS = {**{k: TINY[k] for k in ("bert", "gpt2", "t5")}, "llama": Tiny(llama, _lm_batch, "llama")}
+
+
+def _ffn_parameters(model) -> list[torch.nn.Parameter]:
+    out = []
+    for site in plan_for(model, MoEOptions()).sites:
+        out += [p for p in (site.linear.weight, site.linear.bias) if p is not None]
+    return out
+
+
+@torch.no_grad()
+def _finetune(base, seed: int, *, ffn_only: bool, scale: float = 0.05):
+    """A "fine-tune" of `base`: its FFN weights (or all weights) perturbed."""
+    model = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    params = _ffn_parameters(model) if ffn_only else list(model.parameters())
+    for p in params:
+        p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _sources(tmp: Path, arch: Tiny, *, ffn_only: bool, n: int = 3) -> tuple[str, dict[str, str], list]:
+    torch.manual_seed(0)
+    base = arch.make().eval()
+    base.save_pretrained(tmp / "base")
+    experts, models = {}, []
+    for i, d in enumerate(DOMAINS[:n]):
+        m = _finetune(base, 100 + i, ffn_only=ffn_only)
+        m.save_pretrained(tmp / d)
+        experts[d] = str(tmp / d)
+        models.append(m.eval())
+    return str(tmp / "base"), experts, models
+
+
+def _oracle_logits(model, arch: Tiny, batch, d: int) -> torch.Tensor:
+    set_domains(model, [d] * batch["input_ids"].shape[0])
+    with torch.no_grad():
+        return arch.outputs(model, batch)
+
+
+@pytest.mark.parametrize("family", list(ARCHS))
+def test_ffn_only_experts_oracle_reproduces_each_expert(family, tmp_path, gen):
+    arch = ARCHS[family]
+    base, experts, models = _sources(tmp_path, arch, ffn_only=True)
+    batch = arch.batch(gen)
+    variants = {"domain": MoEOptions(), "smoe": MoEOptions(), "camex": MoEOptions(alpha=1.0)}
+    for variant, options in variants.items():
+        for method in METHODS if variant == "domain" else ("ties",):
+            moe = camex.compose(base, experts, shared=method, router="oracle", variant=variant, options=options)
+            moe.eval()
+            # shared weights: every method returns the (bit-identical) shared weights unchanged
+            shared = {n: p for n, p in moe.named_parameters() if n in dict(models[0].named_parameters())}
+            assert shared, "no shared parameter found"
+            for name, p in shared.items():
+                assert torch.equal(p, dict(models[0].named_parameters())[name]), (variant, method, name)
+            for d, expert in enumerate(models):
+                with torch.no_grad():
+                    want = arch.outputs(expert, batch)
+                got = _oracle_logits(moe, arch, batch, d)
+                assert (got - want).abs().max() < 1e-5, (family, variant, method, d)
+
+
+def test_released_sign_only_ties_mask_changes_oracle_output(tmp_path, gen):
+    """Ties with the released mask (keep τ_d where its sign agrees with Σ_j τ_j) is not expert d."""
+    arch = ARCHS["bert"]
+    base, experts, models = _sources(tmp_path, arch, ffn_only=True)
+    batch = arch.batch(gen)
+    moe = camex.compose(base, experts, router="oracle", variant="camex_ties").eval()
+    want = arch.outputs(models[0], batch)
+    got = _oracle_logits(moe, arch, batch, 0)
+    assert (got - want).abs().max() > 20 * 1e-5  # well outside the tolerance the exact variants meet
+    layer = next(m for m in moe.modules() if isinstance(m, MergedExpertLinear))
+    base_w, deltas, _, _ = layer.operands()
+    assert not torch.allclose(base_w + deltas[0], layer.expert_weight[0])  # entries of τ_0 were masked
+
+
+def test_golden_shared_merges():
+    """Hand-made task vectors; τ_i = θ_i − θ_base (the sign MERGEME.md prescribes)."""
+    base = torch.ones(5)
+    taus = torch.tensor([[2.0, -1.0, 0.5, 0.25, 1.0], [-1.0, 1.0, -0.5, -2.0, 1.0], [1.0, 1.0, -3.0, 0.5, -0.1]])
+    experts = base + taus
+
+    def merged(**kw):
+        return merge_task_vectors(base, experts - base, SharedMerge(**kw), generator=torch.Generator().manual_seed(0))
+
+    assert torch.equal(merged(method="base"), base)
+    assert torch.allclose(merged(method="mean"), experts.mean(0))
+    assert torch.allclose(
+        merged(method="task_arithmetic", lam=0.5), base + 0.5 * torch.tensor([2.0, 1.0, -3.0, -1.25, 1.9])
+    )
+    # keep 0.8 (4 of 5 per row) trims 0.25, -0.5 and -0.1; trimmed sums [2, 1, -2.5, -1.5, 2] elect
+    # signs [+, +, -, -, +]; agreeing entries: {2, 1}, {1, 1}, {-3}, {-2}, {1, 1}
+    disjoint_sum = torch.tensor([3.0, 2.0, -3.0, -2.0, 2.0])
+    disjoint_mean = torch.tensor([1.5, 1.0, -3.0, -2.0, 1.0])
+    assert torch.allclose(merged(method="ties", lam=1 / 3, keep=0.8), base + disjoint_sum / 3)
+    assert torch.allclose(merged(method="ties", lam=1.0, keep=0.8, disjoint="mean"), base + disjoint_mean)
+    assert torch.allclose(merged(method="ties", lam=1.0, keep=0.8), base + disjoint_sum)
+    # DARE, seeded: each entry kept with probability p = 0.8, survivors rescaled by 1/p, summed, times λ
+    g = torch.Generator().manual_seed(0)
+    keeps = torch.stack([(torch.rand(5, generator=g) >= 1 - 0.8).float() for _ in range(3)])
+    assert 0 < keeps.sum() < keeps.numel()  # some entries really were dropped
+    want = base + (1 / 3) * (taus * keeps / 0.8).sum(0)
+    assert torch.allclose(merged(method="dare", lam=1 / 3, keep=0.8), want)
+    assert torch.equal(merged(method="dare", keep=1.0, lam=1.0), merged(method="task_arithmetic", lam=1.0))
+
+
+def test_parameter_accounting_and_experts_differ(tmp_path):
+    arch = ARCHS["gpt2"]
+    base, experts, _ = _sources(tmp_path, arch, ffn_only=False)
+    dense = arch.make()
+    ffn = sum(p.numel() for p in _ffn_parameters(dense))
+    shared = sum(p.numel() for p in dense.parameters()) - ffn
+    for variant, slots in (("domain", 3), ("smoe", 4)):
+        moe = camex.compose(base, experts, shared="ties", router="random", variant=variant)
+        counts = count_parameters(moe)
+        layers = [m for m in moe.modules() if isinstance(m, (MergedExpertLinear, TokenMoELinear))]
+        routers = sum(p.numel() for m in layers for p in m.router.parameters())
+        experts_n = counts["merged_experts"] + counts["smoe_experts"]
+        assert counts["other"] == shared
+        assert experts_n == slots * ffn
+        assert counts["merged_base"] == (ffn if variant == "domain" else 0)
+        assert counts["router"] == routers > 0
+        assert counts["total"] == shared + len(experts) * ffn + ffn + routers
+        for layer in layers:
+            base_w = layer.base_weight if variant == "domain" else layer.expert_weight[-1]
+            for i in range(len(experts)):
+                assert not torch.equal(layer.expert_weight[i], base_w)
+                for j in range(i):
+                    assert not torch.equal(layer.expert_weight[i], layer.expert_weight[j])
+
+
+def test_save_and_load_restore_exactly(tmp_path, gen):
+    arch = ARCHS["t5"]
+    base, experts, _ = _sources(tmp_path, arch, ffn_only=False)
+    batch = arch.batch(gen)
+    for router in ("random", "oracle"):
+        moe = camex.compose(base, experts, shared=SharedMerge("dare", keep=0.9), router=router, variant="camex_ties")
+        moe.eval()
+        out = tmp_path / f"saved_{router}"
+        camex.compose.save(moe, out)
+        again = camex.load(out)
+        if router == "oracle":
+            want, got = _oracle_logits(moe, arch, batch, 1), _oracle_logits(again, arch, batch, 1)
+        else:
+            with torch.no_grad():
+                want, got = arch.outputs(moe, batch), arch.outputs(again, batch)
+        assert torch.equal(want, got)
+        assert torch.equal(
+            torch.cat([p.flatten() for p in moe.parameters()]), torch.cat([p.flatten() for p in again.parameters()])
+        )
+        card = (out / "README.md").read_text()
+        assert all(src in card for src in experts.values()) and "method=dare" in card and "keep=0.9" in card
+
+
+def test_mismatched_expert_exits_2_naming_it(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    arch = ARCHS["bert"]
+    base, experts, _ = _sources(tmp_path, arch, ffn_only=True, n=2)
+    cfg = arch.make().config
+    wide = BertForSequenceClassification(BertConfig(**{**cfg.to_dict(), "intermediate_size": 32}))
+    deep = BertForSequenceClassification(BertConfig(**{**cfg.to_dict(), "num_hidden_layers": 3}))
+    wide.save_pretrained(tmp_path / "wide")
+    deep.save_pretrained(tmp_path / "deep")
+    with pytest.raises(
+        ComposeError, match=r"compose.experts.wide=.*wide: tensor .*intermediate.dense.weight has shape \[32, 16\]"
+    ):
+        camex.compose(base, {**experts, "wide": str(tmp_path / "wide")})
+    with pytest.raises(ComposeError, match=r"compose.experts.deep=.*deep: tensor .*layer.2.* is not in the base"):
+        camex.compose(base, {**experts, "deep": str(tmp_path / "deep")})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "camex.compose", "--base", base, "--out", str(out)]
+    cmd += [f"--expert=news={experts['news']}", f"--expert=wide={tmp_path / 'wide'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "wide" in lines[0] and "intermediate.dense.weight" in lines[0]
+    assert not out.exists()  # refused before anything was written
