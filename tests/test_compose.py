@@ -282,3 +282,36 @@ def test_peak_memory_while_composing_stays_below_base_two_experts_and_output(tmp
     print(f"peak {peak / 2**20:.1f} MiB, allowed {allowed / 2**20:.1f} MiB, one model {model_bytes / 2**20:.1f} MiB")
     assert peak < allowed, (peak / 2**20, allowed / 2**20)
     assert peak < allowed - 2 * model_bytes  # and in fact well below it: no expert is ever held whole
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_minilm() is None, reason="tiny_bert uses the offline MiniLM tokenizer")
+def test_run_py_composes_trains_only_the_routers_and_saves_a_loadable_model(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root = Path(__file__).resolve().parents[1]
+    fix = root / "tests" / "fixtures"
+    cfg = BertConfig(
+        vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=256, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(cfg)
+    base.save_pretrained(tmp_path / "base")
+    for i, d in enumerate(("a", "b")):
+        _finetune(base, i, ffn_only=False, scale=0.02).save_pretrained(tmp_path / d)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "run.py", f"paths.output_root={out}", "trainer=tiny", "trainer.epochs=1",
+        "tracking.enabled=false",
+        "task=glue/mrpc", "model=tiny_bert", "task.max_length=64", f"task.local.train={fix / 'cls_train.jsonl'}",
+        f"task.local.eval={fix / 'cls_dev.csv'}", "merge=camex", "compose=mergeme", f"compose.base={tmp_path / 'base'}",
+        f"+compose.experts.a={tmp_path / 'a'}", f"+compose.experts.b={tmp_path / 'b'}", "compose.train_only=router",
+        f"compose.save={tmp_path / 'composed'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = camex.load(tmp_path / "composed"), camex.load(next(out.rglob("final_composed")))
+    assert after.camex_composition.experts == {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
+    changed = {n for n, p in after.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])}
+    assert changed and all(".router." in n for n in changed), sorted(changed)[:5]
