@@ -315,3 +315,22 @@ def test_run_py_composes_trains_only_the_routers_and_saves_a_loadable_model(tmp_
     assert after.camex_composition.experts == {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
     changed = {n for n, p in after.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])}
     assert changed and all(".router." in n for n in changed), sorted(changed)[:5]
+
+
+@pytest.mark.skipif(_minilm() is None, reason="the demonstration fine-tunes the offline MiniLM")
+def test_compose_demo_reduced_runs_and_oracle_moe_reproduces_ffn_experts(tmp_path):
+    """The CPU demonstration end to end in its reduced form; with FFN-only experts, the composed MoE
+    under oracle routing scores exactly what each expert scores on its own domain."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "demo"
+    cmd = [sys.executable, str(root / "scripts" / "compose_demo.py"), "--reduced", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    res, domains = report["results"], report["config"]["domains"]
+    for d in domains:
+        assert res["moe/ffn/oracle"][d] == res[f"expert/ffn/{d}"][d]
+    assert "camex vs domain" in report["paired"]
+    assert "| joint fine-tuning, camex" in (out / "report.md").read_text()

