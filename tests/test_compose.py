@@ -334,3 +334,33 @@ def test_compose_demo_reduced_runs_and_oracle_moe_reproduces_ffn_experts(tmp_pat
         assert res["moe/ffn/oracle"][d] == res[f"expert/ffn/{d}"][d]
     assert "camex vs domain" in report["paired"]
     assert "| joint fine-tuning, camex" in (out / "report.md").read_text()
+
+
+def test_compose_config_group_through_hydra(tmp_path):
+    """conf/compose/mergeme.yaml composes with run.py's config and parses to MergeME's defaults;
+    a bad value is refused with one line naming the key, before any weight is read."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from camex.compose import config as compose_config
+
+    base, experts, _ = _sources(tmp_path, ARCHS["bert"], ffn_only=True, n=2)
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = ["compose=mergeme", f"compose.base={base}", *(f"+compose.experts.{d}={p}" for d, p in experts.items())]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = OmegaConf.to_container(hydra_compose(config_name="config", overrides=overrides), resolve=True)
+        default = OmegaConf.to_container(hydra_compose(config_name="config"), resolve=True)
+    assert compose_config.parse(default["compose"], default_base=None) is None  # compose=none: upcycle as before
+    spec = compose_config.parse(cfg["compose"], default_base=None)
+    assert spec.experts == experts and spec.base == base and spec.train_only == "full"
+    assert spec.shared == SharedMerge("ties", lam=1 / 3, keep=0.8, disjoint="sum", seed=0)
+    assert spec.router == RouterInit("random")
+    for key, value, needle in (
+        ("train_only", "heads", "compose.train_only='heads'"),
+        ("shared", {"method": "median"}, "compose.shared.method='median'"),
+        ("router", {"init": "centroid"}, "compose.prompts.news is missing"),
+        ("experts", {**experts, "bad": str(tmp_path / "nowhere")}, "compose.experts.bad="),
+    ):
+        with pytest.raises(ComposeError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+            compose_config.parse({**cfg["compose"], key: value}, default_base=None)

@@ -40,13 +40,19 @@ class Checkpoint:
 
 
 def _local_dir(ref: str, label: str) -> Path:
+    if ref.startswith(("/", "./", "../", "~")) and not Path(ref).expanduser().is_dir():
+        raise ComposeError(f"{label}={ref}: no such directory")
     try:
         path = resolve_source(ref, label)
         _check_source(path, label)
     except ModelError as e:
         raise ComposeError(str(e)) from None
-    if Path(path).is_dir():
-        return Path(path)
+    except ValueError as e:  # huggingface_hub refuses a malformed repo id
+        raise ComposeError(
+            f"{label}={ref}: neither a local directory nor a hub id ({str(e).splitlines()[0]})"
+        ) from None
+    if Path(path).expanduser().is_dir():
+        return Path(path).expanduser()
     from huggingface_hub import snapshot_download
 
     try:
