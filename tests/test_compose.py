@@ -364,3 +364,42 @@ def test_compose_config_group_through_hydra(tmp_path):
     ):
         with pytest.raises(ComposeError, match=needle.replace(".", r"\.").replace("(", r"\(")):
             compose_config.parse({**cfg["compose"], key: value}, default_base=None)
+
+
+class _CharTokenizer:
+    """Characters as token ids (mod the tiny vocabulary), right-padded: enough for router init."""
+
+    def __call__(self, texts, *, padding, truncation, max_length, return_tensors):
+        ids = [[2 + ord(c) % (VOCAB - 2) for c in t[:max_length]] for t in texts]
+        width = max(map(len, ids))
+        return {
+            "input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+        }
+
+
+def test_uniform_cheap_embed_and_centroid_router_inits(tmp_path):
+    import torch.nn.functional as F
+
+    from camex.compose.routers import embedding_centroids, routers
+
+    base, experts, _ = _sources(tmp_path, ARCHS["bert"], ffn_only=True, n=2)
+    prompts = {"news": ["the market fell", "shares rose today"], "code": ["def f(x): return x", "import os"]}
+    block = MoEOptions(router_scope="block")
+    kw = dict(prompts=prompts, tokenizer=_CharTokenizer(), options=block)
+    uniform = camex.compose(base, experts, router="uniform", options=block)
+    assert all(torch.count_nonzero(r.gate.w_gate) == 0 for r in routers(uniform))
+    cheap = camex.compose(base, experts, router=RouterInit("cheap_embed", scale=2.0), **kw)
+    want = 2.0 * F.normalize(embedding_centroids(cheap, _CharTokenizer(), prompts, RouterInit()), dim=1).t()
+    assert all(torch.allclose(r.gate.w_gate, want) for r in routers(cheap))
+    with pytest.raises(ComposeError, match="cheap_embed needs merge.router_scope=block"):
+        camex.compose(base, experts, router="cheap_embed", prompts=prompts, tokenizer=_CharTokenizer())
+    smoe = camex.compose(base, experts, router="centroid", variant="smoe", **kw)
+    for r in routers(smoe):
+        cols = r.gate.w_gate.t()  # [3, d]: news, code, then the base expert
+        assert cols.shape[0] == 3 and torch.allclose(cols.norm(dim=1), torch.ones(3))
+        assert not torch.allclose(cols[0], cols[1])
+    with pytest.raises(ComposeError, match="needs prompts for exactly the domains"):
+        camex.compose(base, experts, router="centroid", prompts={"news": ["x"]}, tokenizer=_CharTokenizer())
+    with pytest.raises(ComposeError, match="Hugging Face Hub is unreachable"):
+        camex.compose(base, {"news": "someone/not-downloaded-model"})
