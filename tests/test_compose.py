@@ -403,3 +403,23 @@ def test_uniform_cheap_embed_and_centroid_router_inits(tmp_path):
         camex.compose(base, experts, router="centroid", prompts={"news": ["x"]}, tokenizer=_CharTokenizer())
     with pytest.raises(ComposeError, match="Hugging Face Hub is unreachable"):
         camex.compose(base, {"news": "someone/not-downloaded-model"})
+
+
+def test_bare_base_with_head_experts_composes_a_head_model(tmp_path, gen):
+    """The common case on the Hub: the base is a bare encoder (keys without `bert.`, no head) and the
+    experts are classifiers fine-tuned from it; the head, which only the experts hold, is their mean."""
+    arch = ARCHS["bert"]
+    from transformers import BertForSequenceClassification
+
+    base, experts, models = _sources(tmp_path, arch, ffn_only=True, n=2)
+    BertForSequenceClassification.from_pretrained(base).bert.save_pretrained(tmp_path / "bare")  # no `bert.`, no head
+    moe = camex.compose(
+        str(tmp_path / "bare"), experts, router="oracle", architecture="BertForSequenceClassification",
+        config_overrides={"num_labels": 3},
+    )  # fmt: skip
+    assert moe.camex_composition.initialised == []
+    batch = arch.batch(gen)
+    for d, expert in enumerate(models):
+        with torch.no_grad():
+            want = arch.outputs(expert, batch)
+        assert (_oracle_logits(moe.eval(), arch, batch, d) - want).abs().max() < 1e-5

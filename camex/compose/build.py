@@ -77,8 +77,9 @@ def _shape_error(ckpt: Checkpoint, key: str, have, want, base: Checkpoint) -> Co
     )
 
 
-def _check_expert(ckpt: Checkpoint, base: Checkpoint, needed: dict[str, tuple[int, ...]]) -> None:
-    """`needed`: checkpoint key -> shape the composed model reads from every expert."""
+def _check_expert(ckpt: Checkpoint, base: Checkpoint, needed: dict[str, tuple[int, ...]], prefix: str) -> None:
+    """`needed`: this expert's key -> the shape the composed model reads. A tensor the model does
+    not read and the base lacks (under either naming) means another depth or layout."""
     b_type, e_type = base.config.get("model_type"), ckpt.config.get("model_type")
     if b_type and e_type and b_type != e_type:
         raise ComposeError(f"{ckpt.label}={ckpt.ref}: model_type {e_type!r} differs from the base's {b_type!r}")
@@ -87,7 +88,8 @@ def _check_expert(ckpt: Checkpoint, base: Checkpoint, needed: dict[str, tuple[in
             raise ComposeError(f"{ckpt.label}={ckpt.ref}: tensor {key} is missing (the base {base.ref} has it)")
         if ckpt.tensors[key][1] != shape:
             raise _shape_error(ckpt, key, ckpt.tensors[key][1], shape, base)
-    extra = sorted(set(ckpt.tensors) - set(base.tensors) - set(needed))
+    known = {k.removeprefix(prefix) for k in base.tensors}
+    extra = sorted(k for k in ckpt.tensors if k not in needed and k.removeprefix(prefix) not in known)
     if extra:
         raise ComposeError(f"{ckpt.label}={ckpt.ref}: tensor {extra[0]} is not in the base ({base.ref}) or the model")
 
@@ -137,16 +139,19 @@ def compose_into(
     except ValueError as e:
         raise ComposeError(str(e)) from None
 
-    # what every expert must hold, checked before anything is built or copied
-    ffn_keys = {}
+    # where each tensor is in each source ([base, *experts]; a source may name it with or without the
+    # head model's prefix), and what every expert must hold: checked before anything is copied
+    sources = [base_ck, *expert_cks]
+
+    def keys_of(aliases: list[str]) -> list[str | None]:
+        return [next((k for k in (_file_key(a, ck, prefix) for a in aliases) if k), None) for ck in sources]
+
+    ffn: dict[str, list[str | None]] = {}
     for _, wkey, bkey, _ in sites:
-        for name in (wkey, bkey):
-            if name is None:
-                continue
-            key = _file_key(name, base_ck, prefix)
-            if key is None:
+        for name in filter(None, (wkey, bkey)):
+            ffn[name] = keys_of([name])
+            if ffn[name][0] is None:
                 raise ComposeError(f"compose.base={base}: tensor {name} (an FFN linear) is missing")
-            ffn_keys[name] = key
     torch.manual_seed(seed)  # the random routers and any tensor no source holds
     try:
         apply_plan(model, plan_for(model, options), variant, options)
@@ -154,35 +159,33 @@ def compose_into(
         raise ComposeError(str(e)) from None
     moe = [(getattr(s.parent, s.attr), w, b, t) for s, w, b, t in sites]
     moe = [m for m in moe if isinstance(m[0], MOE_TYPES)]  # merge.layers may leave some dense
-    params = _shared_parameters(model)
     plan_shared, initialised = [], []
-    for aliases, p in params:
-        key = next((k for k in (_file_key(a, base_ck, prefix) for a in aliases) if k), None)
-        where = (
-            [key] * len(expert_cks)
-            if key
-            else [next((k for k in (_file_key(a, ck, prefix) for a in aliases) if k), None) for ck in expert_cks]
-        )
-        if key is None and all(w is None for w in where):
+    for aliases, p in _shared_parameters(model):
+        keys = keys_of(aliases)
+        if all(k is None for k in keys):
             initialised.append(aliases[0])
-            continue
-        plan_shared.append((aliases[0], p, key, where))
+        else:
+            plan_shared.append((aliases[0], p, keys))
     needed: list[dict[str, tuple[int, ...]]] = [{} for _ in expert_cks]
-    for name, p, key, where in plan_shared:
-        if key is not None and base_ck.tensors[key][1] != tuple(p.shape):
-            raise _shape_error(base_ck, key, base_ck.tensors[key][1], tuple(p.shape), base_ck)
-        for i, w in enumerate(where):
-            if w is None:
+    for name, p, keys in plan_shared:
+        if keys[0] is not None and base_ck.tensors[keys[0]][1] != tuple(p.shape):
+            raise _shape_error(base_ck, keys[0], base_ck.tensors[keys[0]][1], tuple(p.shape), base_ck)
+        for i, key in enumerate(keys[1:]):
+            if key is None:
+                who = "the base has it" if keys[0] else "other experts have it"
+                raise ComposeError(f"{expert_cks[i].label}={expert_cks[i].ref}: tensor {name} is missing ({who})")
+            needed[i][key] = tuple(p.shape)
+    for name, keys in ffn.items():
+        for i, key in enumerate(keys[1:]):
+            if key is None:
                 raise ComposeError(
-                    f"{expert_cks[i].label}={expert_cks[i].ref}: tensor {name} is missing (other experts have it)"
+                    f"{expert_cks[i].label}={expert_cks[i].ref}: tensor {name} is missing (the base has it)"
                 )
-            needed[i][w] = tuple(p.shape)
+            needed[i][key] = base_ck.tensors[keys[0]][1]
     for i, ck in enumerate(expert_cks):
-        for key in ffn_keys.values():
-            needed[i][key] = base_ck.tensors[key][1]
-        _check_expert(ck, base_ck, needed[i])
+        _check_expert(ck, base_ck, needed[i], prefix)
 
-    _fill_experts(moe, base_ck, expert_cks, ffn_keys, n=len(experts))
+    _fill_experts(moe, base_ck, expert_cks, ffn, n=len(experts))
     _merge_shared(plan_shared, base_ck, expert_cks, shared, seed)
     if router.init in ("centroid", "cheap_embed") and tokenizer is None:
         tokenizer = load_tokenizer(base_ck)
@@ -202,22 +205,24 @@ def compose_into(
 
 
 @torch.no_grad()
-def _fill_experts(moe, base_ck: Checkpoint, expert_cks: list[Checkpoint], keys: dict[str, str], n: int) -> None:
+def _fill_experts(moe, base_ck: Checkpoint, expert_cks: list[Checkpoint], keys: dict[str, list], n: int) -> None:
     """Expert `i` of every MoE layer from expert checkpoint `i`; the base FFN as `E_m` (merged
     variants) or as expert `n` (SMoE). One tensor in memory at a time."""
     for layer, wkey, bkey, conv in moe:
-        sources = [*enumerate(expert_cks)]
-        base_slot = n if isinstance(layer, TokenMoELinear) else None
-        for slot, ck in [*sources, *([(base_slot, base_ck)] if base_slot is not None else [])]:
-            w = ck.read(keys[wkey])
+        # (slot, checkpoint, its index in keys): experts 0..n-1, then the base as expert n for SMoE
+        slots = [(i, ck, i + 1) for i, ck in enumerate(expert_cks)]
+        if isinstance(layer, TokenMoELinear):
+            slots.append((n, base_ck, 0))
+        for slot, ck, j in slots:
+            w = ck.read(keys[wkey][j])
             layer.expert_weight[slot].copy_(w.t() if conv else w)
             if bkey is not None:
-                layer.expert_bias[slot].copy_(ck.read(keys[bkey]))
+                layer.expert_bias[slot].copy_(ck.read(keys[bkey][j]))
         if isinstance(layer, MergedExpertLinear) and layer.base_weight is not None:
-            w = base_ck.read(keys[wkey])
+            w = base_ck.read(keys[wkey][0])
             layer.base_weight.copy_(w.t() if conv else w)
             if bkey is not None:
-                layer.base_bias.copy_(base_ck.read(keys[bkey]))
+                layer.base_bias.copy_(base_ck.read(keys[bkey][0]))
 
 
 @torch.no_grad()
@@ -225,7 +230,7 @@ def _merge_shared(plan, base_ck: Checkpoint, expert_cks: list[Checkpoint], spec:
     """Each shared tensor merged from the base and the experts, read one tensor at a time. A
     tensor the base lacks (e.g. a task head the experts added) is the experts' mean."""
     generator = torch.Generator().manual_seed(seed)
-    for _, p, key, where in plan:
+    for _, p, (key, *where) in plan:
         if key is None:
             p.copy_(torch.stack([ck.read(w).float() for ck, w in zip(expert_cks, where)]).mean(0))
             continue
