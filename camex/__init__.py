@@ -9,15 +9,18 @@ from importlib import import_module
 _EXPORTS = {
     "MergeVariant": "camex.variants",
     "MoEOptions": "camex.variants",
+    "load": "camex.compose",
     "get_variant": "camex.variants",
     "list_variants": "camex.variants",
     "upcycle": "camex.upcycle",
 }
-__all__ = ["MergeVariant", "MoEOptions", "get_variant", "list_variants", "upcycle"]
+__all__ = ["MergeVariant", "MoEOptions", "compose", "get_variant", "list_variants", "load", "upcycle"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
+    if name == "compose":  # the sub-package, callable: camex.compose(base, experts, ...)
+        return import_module("camex.compose")
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from camex import distributed, faults, footprint, models, tasks, tracking
+from camex import compose, distributed, faults, footprint, models, tasks, tracking
 from camex.accounting import count_parameters
 from camex.checkpoints import (
     AtomicCheckpoints,
@@ -29,6 +29,7 @@ from camex.checkpoints import (
     set_aside,
     verified_checkpoints,
 )
+from camex.compose import config as compose_config
 from camex.config import ConfigError, RunSpec, validate
 from camex.curvature_log import curvature_callback, first_eval_batch
 from camex.optim import parameter_groups
@@ -364,6 +365,34 @@ def _final_metrics(trainer, prepared: tasks.Prepared) -> dict[str, float]:
     return {f"final_{k.removeprefix('eval_')}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
 
 
+def _prompts(spec: compose_config.ComposeSpec) -> dict[str, list[str]] | None:
+    """Each domain's router-init prompts: `domain:<name>` (camex.tasks.domains) or a text file."""
+    if spec.router.init not in ("centroid", "cheap_embed"):
+        return None
+    from camex.tasks.domains import texts
+
+    out = {}
+    for domain, source in spec.prompts.items():
+        if source.startswith("domain:"):
+            out[domain] = texts(source.removeprefix("domain:"), spec.prompts_per_domain, seed=0)
+        else:
+            lines = [x for x in Path(source).read_text(encoding="utf-8").splitlines() if x.strip()]
+            out[domain] = lines[: spec.prompts_per_domain]
+    return out
+
+
+def _compose(model: torch.nn.Module, spec: compose_config.ComposeSpec, run: RunSpec, tokenizer, seed: int) -> None:
+    """The MoE composed from fine-tuned checkpoints (compose=...) instead of an upcycled copy."""
+    compose.compose_into(
+        model, spec.base, spec.experts, variant=run.variant, options=run.options, shared=spec.shared,
+        router=spec.router, tokenizer=tokenizer, prompts=_prompts(spec), seed=seed,
+    )  # fmt: skip
+    if spec.save:
+        compose.save(model, spec.save, tokenizer=tokenizer)
+    if spec.train_only == "router":
+        compose_config.train_only_router(model)
+
+
 def train(cfg: dict[str, Any], *, run_dir: Path, hydra_pending: Path | None = None) -> dict[str, Any]:
     """Run one training run from a resolved config (plain containers).
 
@@ -384,6 +413,9 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
     from transformers.trainer_utils import get_last_checkpoint
 
     spec = validate(cfg)
+    composing = compose_config.parse(  # a bad source stops here, before any data or weights are read
+        cfg.get("compose"), default_base=models.resolve_source(spec.model.get("pretrained"), "model.pretrained")
+    )
     # an unreachable tracking server fails here, in seconds, before any data or model is loaded
     spec.tracking = tracking.resolve_store(spec.tracking, output_root=cfg["paths"]["output_root"])
     problem = distributed.check_launch(spec.trainer)
@@ -417,7 +449,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
     target = model.model if isinstance(model, models.VisionClassifier) else model
     try:
         footprint.check(target, spec.variant, spec.options)  # e.g. merge.num_experts=10**6: refused, not allocated
-        upcycle(target, spec.variant, spec.options)
+        if composing is None:
+            upcycle(target, spec.variant, spec.options)
+        else:
+            _compose(target, composing, spec, tokenizer, seed)
     except ValueError as e:  # options checked against the loaded model, e.g. merge.layers beyond its depth
         raise ConfigError(str(e)) from None
     if distributed.is_main():
@@ -476,6 +511,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
             raise tracking.StoreLost(trainer.state.global_step, tracker.lost, saved)
         final = _final_metrics(trainer, prepared)
         trainer.save_model(str(run_dir / "final_model"))  # the selected (best) weights, safetensors
+        if composing is not None and distributed.is_main():  # restorable by camex.load
+            compose.save(target, run_dir / "final_composed", tokenizer=tokenizer)
         final["final_wall_seconds"] = time.time() - started
         params_count, peak_memory = _resource_metrics(model)
         peak_memory.update(_flops_per_token(trainer, model))  # MLflow only: depends on the eval batch's padding

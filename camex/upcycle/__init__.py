@@ -13,12 +13,13 @@ from torch import nn
 from camex.upcycle.bert import is_bert, plan_bert
 from camex.upcycle.build import apply_plan
 from camex.upcycle.gpt2 import is_gpt2, plan_gpt2
+from camex.upcycle.llama import is_llama, plan_llama
 from camex.upcycle.sites import Plan
 from camex.upcycle.t5 import is_t5, plan_t5
 from camex.upcycle.vision import is_timm_vision, plan_vision
 from camex.variants import MergeVariant, MoEOptions, get_variant
 
-FAMILIES = ("t5", "gpt2", "bert", "timm")
+FAMILIES = ("t5", "gpt2", "bert", "llama", "timm")
 
 
 def plan_for(model: nn.Module, options: MoEOptions) -> Plan:
@@ -28,6 +29,8 @@ def plan_for(model: nn.Module, options: MoEOptions) -> Plan:
         return plan_gpt2(model)
     if is_bert(model):
         return plan_bert(model)
+    if is_llama(model):
+        return plan_llama(model)
     if is_timm_vision(model):
         return plan_vision(model)
     raise ValueError(f"cannot upcycle {type(model).__name__}; supported families: {list(FAMILIES)}")
