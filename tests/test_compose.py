@@ -332,7 +332,9 @@ def test_compose_demo_reduced_runs_and_oracle_moe_reproduces_ffn_experts(tmp_pat
     res, domains = report["results"], report["config"]["domains"]
     for d in domains:
         assert res["moe/ffn/oracle"][d] == res[f"expert/ffn/{d}"][d]
-    assert "camex vs domain" in report["paired"]
+    twin = report["paired"]["camex − domain mean"]  # paired by seed, never by (seed, domain)
+    seeds = len(report["config"]["seeds"])
+    assert twin["n"] == seeds and twin["kind"] in ("paired", "identical", "n/a")
     assert "| joint fine-tuning, camex" in (out / "report.md").read_text()
 
 
