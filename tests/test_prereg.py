@@ -211,3 +211,9 @@ def test_reduced_pipeline_end_to_end(tmp_path):
     assert "| H1 | primary: last-step NLL | camex − domain | 2 |" in text
     assert "| H2 | primary: last-step NLL | camex − domain (lr × 1.2) | 2 |" in text
     assert (tmp_path / "r" / "runs.csv").is_file()
+    # run again: every trial is found complete (nothing reruns) and the regenerated report agrees
+    again = subprocess.run([*cmd[:-1], str(tmp_path / "r2"), "--compare", str(tmp_path / "r")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "finished:" not in again.stdout and "agrees within seed noise" in again.stdout
+    assert (tmp_path / "r2" / "prereg.md").read_text() == text
