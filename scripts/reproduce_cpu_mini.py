@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,51 +89,75 @@ def compare_reports(new: Path, old: Path, k: float = 3.0) -> list[str]:
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--outputs", default="outputs/cpu_mini", help="run folders, MLflow store and studies")
-    p.add_argument("--out", default="reports/cpu_mini", help="report folder")
-    p.add_argument("--reduced", action="store_true", help="a few examples, 2 merges, 2 seeds: checks the pipeline")
+def reproduce(
+    argv: list[str] | None,
+    *,
+    script: str,
+    description: str,
+    presets: dict[str, str],
+    reduced: dict[str, list[str]],
+    experiments: list[str],
+    outputs: str,
+    out: str,
+    after_report: Callable[[Path, Path], None] | None = None,
+) -> int:
+    """The pipeline shared by the CPU drivers: every part's sweep (`presets`: part -> experiment
+    preset, run in that order into one MLflow store under `--outputs`), provenance, the report on
+    `experiments`, then `after_report(outputs, out)` and `--compare`. `reduced`: part -> extra
+    overrides under `--reduced` (its "common" entry goes to every part)."""
+    p = argparse.ArgumentParser(prog=script, description=description)
+    p.add_argument("--outputs", default=outputs, help="run folders, MLflow store and studies")
+    p.add_argument("--out", default=out, help="report folder")
+    p.add_argument("--reduced", action="store_true", help="a few examples, fewer merges and seeds: checks the pipeline")
     p.add_argument("--compare", type=Path, default=None, help="a committed report folder to compare against")
     p.add_argument("overrides", nargs="*", help="Hydra overrides passed to every sweep")
     args = p.parse_args(argv)
-    outputs, out = (ROOT / args.outputs).resolve(), (ROOT / args.out).resolve()
+    outputs_dir, out_dir = (ROOT / args.outputs).resolve(), (ROOT / args.out).resolve()
     if args.compare is not None and not (args.compare / "runs.csv").is_file():
         sys.exit(f"error: --compare {args.compare}: no runs.csv there (a report folder is expected)")
-    outputs.mkdir(parents=True, exist_ok=True)
-    timings_file = outputs / "timings.json"
+    outputs_dir.mkdir(parents=True, exist_ok=True)
+    timings_file = outputs_dir / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else []
 
     invocation = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_commit": _git_commit(), "parts": {}}
-    for part in PARTS:
-        extra = (REDUCED["common"] + REDUCED[part]) if args.reduced else []
-        cmd = [sys.executable, "run.py", "-m", f"experiment=cpu_mini_{part}", f"paths.output_root={outputs}",
+    for part, preset in presets.items():
+        extra = (reduced.get("common", []) + reduced.get(part, [])) if args.reduced else []
+        cmd = [sys.executable, "run.py", "-m", f"experiment={preset}", f"paths.output_root={outputs_dir}",
                *extra, *args.overrides]  # fmt: skip
         invocation["parts"][part] = {"command": shlex.join(["python", *cmd[1:]]), "seconds": _run(cmd)}
         timings_file.write_text(json.dumps([*timings, invocation], indent=2))
     timings.append(invocation)
 
     given = argv if argv is not None else sys.argv[1:]
-    user_command = shlex.join(["python", "scripts/reproduce_cpu_mini.py", *given])
     provenance = {
-        "command": user_command,
+        "command": shlex.join(["python", script, *given]),
         "wall_clock_s": round(sum(p["seconds"] for inv in timings for p in inv["parts"].values()), 1),
         "invocations": timings,
         "git_commit": timings[0].get("git_commit", _git_commit()),  # the code the first runs ran with
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs visible",
         "packages": tracking.package_versions(PACKAGES),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    _run([sys.executable, "-m", "camex.report", "--tracking-uri", f"sqlite:///{outputs}/mlflow.db",
-          "--experiment", "cpu_mini", "--out", str(out), "--provenance", str(out / "provenance.json")])  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    _run([sys.executable, "-m", "camex.report", "--tracking-uri", f"sqlite:///{outputs_dir}/mlflow.db",
+          *(a for e in experiments for a in ("--experiment", e)), "--out", str(out_dir),
+          "--provenance", str(out_dir / "provenance.json")])  # fmt: skip
+    if after_report is not None:
+        after_report(outputs_dir, out_dir)
     if args.compare is not None:
-        problems = compare_reports(out, args.compare)
+        problems = compare_reports(out_dir, args.compare)
         for line in problems:
             print(f"disagrees: {line}")
         print(f"compare with {args.compare}: {'agrees within seed noise' if not problems else 'DISAGREES'}")
         return 1 if problems else 0
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    presets = {part: f"cpu_mini_{part}" for part in PARTS}
+    return reproduce(argv, script="scripts/reproduce_cpu_mini.py", description=__doc__.splitlines()[0],
+                     presets=presets, reduced=REDUCED, experiments=["cpu_mini"],
+                     outputs="outputs/cpu_mini", out="reports/cpu_mini")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,219 @@
+"""The pre-registered CPU experiment (docs/prereg_cpu.md) before its runs: the presets carry the
+registered numbers (composed through Hydra's Compose API), one epoch is the registered step count,
+the detectable effect agrees with a simulation of the paired t-test, the pre-registered analysis
+reads paired comparisons as registered, and the driver runs its stages in order."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from scipy import stats
+
+from camex.report import power, prereg
+from camex.report.collect import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def _cfg(experiment: str, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        overrides = [f"experiment={experiment}", *overrides]
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _sweep(cfg: dict) -> dict[str, list[str]]:
+    return {k: str(v).split(",") for k, v in cfg["hydra"]["sweeper"]["params"].items()}
+
+
+def test_main_arm_preset_is_the_registered_design():
+    cfg = _cfg("prereg_lm")
+    assert cfg["experiment_name"] == "prereg_lm"
+    assert cfg["task"]["name"] == "offline/wiki_lm" and cfg["model"]["name"] == "small_gpt2"
+    assert cfg["task"]["block_size"] == 256 and cfg["merge"]["segment_len"] == 64
+    t = cfg["trainer"]
+    assert t["batch_size"] * cfg["task"]["block_size"] == 2048  # tokens per optimizer step
+    assert (t["eval_every"], t["eval_steps"]) == ("steps", 50)
+    assert t["select_best"] is False  # the primary endpoint is the last step
+    assert t["max_train_samples"] is None and t["max_eval_samples"] is None  # the full sample
+    assert _sweep(cfg) == {"merge": ["domain", "camex", "ties", "camex_ties"], "seed": [str(s) for s in range(6)]}
+    assert cfg["hydra"]["sweeper"]["sampler"] == "grid" and cfg["hydra"]["launcher"]["n_jobs"] == 2
+
+
+def test_control_is_the_euclidean_rows_at_learning_rate_x_1_2_on_shared_seeds():
+    main, control = _cfg("prereg_lm"), _cfg("prereg_lm_control")
+    assert control["experiment_name"] == "prereg_lm_control"
+    assert control["trainer"]["learning_rate"] == pytest.approx(1.2 * main["trainer"]["learning_rate"])
+    assert _sweep(control) == {"merge": ["domain", "ties"], "seed": ["0", "1", "2"]}
+    assert set(_sweep(control)["seed"]) <= set(_sweep(main)["seed"])  # pairs by seed with the CA runs
+    # everything else is the main arm's
+    for key in ("task", "model", "merge"):
+        assert control[key] == main[key], key
+    same = {k: v for k, v in main["trainer"].items() if k != "learning_rate"}
+    assert {k: v for k, v in control["trainer"].items() if k != "learning_rate"} == same
+
+
+def test_max_steps_is_one_epoch_of_the_full_sample():
+    """Counts the train blocks of the full gensim sample with the preset's tokenizer (~15 s)."""
+    from camex import models, tasks
+
+    cfg = OmegaConf.to_container(OmegaConf.create({k: v for k, v in _cfg("prereg_lm").items() if k != "hydra"}),
+                                 resolve=True)  # fmt: skip
+    task = {**cfg["task"], "max_train_samples": None, "max_eval_samples": None}
+    prepared = tasks.prepare(task, tokenizer=models.load_tokenizer(cfg["model"]), model=models.model_info(cfg["model"]),
+                             seed=0)  # fmt: skip
+    blocks = len(prepared.train)
+    assert cfg["trainer"]["max_steps"] == math.ceil(blocks / cfg["trainer"]["batch_size"])
+    assert (blocks, cfg["trainer"]["max_steps"]) == (2293, 287)  # the numbers docs/prereg_cpu.md states
+
+
+# ---------------------------------------------------------------------------------------- power
+
+
+def test_power_at_no_effect_is_alpha_and_normal_limit_for_large_n():
+    assert power.power(0.0, 6) == pytest.approx(0.05, abs=1e-9)
+    # large n: the t-test becomes the z-test, d = (z_0.975 + z_0.8) / sqrt(n)
+    n = 2000
+    assert power.detectable_effect(n) == pytest.approx((stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) / math.sqrt(n),
+                                                      rel=2e-3)  # fmt: skip
+
+
+def test_detectable_effect_with_6_pairs_matches_a_simulated_paired_t_test():
+    d = power.detectable_effect(6)
+    assert 1.3 < d < 1.6
+    rng = np.random.default_rng(0)
+    sims = 40_000
+    diffs = rng.normal(d, 1.0, size=(sims, 6))  # paired differences with SD 1 and mean d
+    t = diffs.mean(axis=1) / (diffs.std(axis=1, ddof=1) / math.sqrt(6))
+    rejected = np.mean(np.abs(t) > stats.t.ppf(0.975, 5))
+    assert rejected == pytest.approx(0.8, abs=4 * math.sqrt(0.8 * 0.2 / sims))
+
+
+def test_planning_sd_pools_the_paired_differences_of_each_row_pair(tmp_path):
+    path = tmp_path / "runs.csv"
+    rows = [("domain", 0, 1.0), ("domain", 1, 2.0), ("domain", 2, 3.0), ("camex", 0, 0.9), ("camex", 1, 2.0),
+            ("camex", 2, 2.8), ("ties", 0, 1.0), ("ties", 1, 1.0), ("camex_ties", 0, 1.5), ("camex_ties", 1, 0.5),
+            ("domain", 0, 9.0)]  # fmt: skip
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "merge", "seed", "final_nll"])
+        w.writerows([("small_gpt2", m, s, v) for m, s, v in rows[:-1]] + [("small_vit", *rows[-1])])
+    diffs = power.paired_differences(path, "small_gpt2")
+    assert diffs["camex − domain"] == pytest.approx([-0.1, 0.0, -0.2])
+    assert diffs["camex_ties − ties"] == pytest.approx([0.5, -0.5])
+    # variances 0.01 (2 df) and 0.5 (1 df): pooled (0.02 + 0.5) / 3
+    assert power.planning_sd(diffs) == pytest.approx(math.sqrt(0.52 / 3))
+
+
+def test_power_refuses_too_few_pairs_with_exit_2(capsys):
+    assert power.main(["--n", "1"]) == 2
+    assert "--n 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the analysis
+
+
+def _run(experiment: str, merge: str, seed: int, nll: float) -> Run:
+    return Run(f"{experiment}-{merge}-{seed}", experiment, {"task": "offline/wiki_lm", "model": "small_gpt2",
+               "merge": merge, "seed": str(seed)}, {}, {"final_nll": nll})  # fmt: skip
+
+
+def test_analysis_pairs_by_seed_holm_adjusts_and_states_no_effect_with_its_interval():
+    ca_gain = [-0.010, -0.012, -0.011, -0.009, -0.013, -0.010]  # a clear CA effect on the Domain pair
+    noise = [0.003, -0.002, 0.001, -0.004, 0.002, -0.001]  # none on the Ties pair
+    main = [_run("prereg_lm", "domain", s, 5.0 + s / 10) for s in range(6)]
+    main += [_run("prereg_lm", "camex", s, 5.0 + s / 10 + ca_gain[s]) for s in range(6)]
+    main += [_run("prereg_lm", "ties", s, 6.0 + s / 10) for s in range(6)]
+    main += [_run("prereg_lm", "camex_ties", s, 6.0 + s / 10 + noise[s]) for s in range(6)]
+    control = [_run("prereg_lm_control", m, s, base + s / 10 - 0.02) for m, base in (("domain", 5.0), ("ties", 6.0))
+               for s in range(3)]  # fmt: skip
+    history = {r.run_id: [(50, r.metrics["final_nll"] + 1.0), (100, r.metrics["final_nll"])] for r in main + control}
+    rows = prereg.analyse(main, control, history.__getitem__)
+    by = {(r["hypothesis"], r["endpoint"].split(":")[0], r["pair"]): r for r in rows}
+    assert len(rows) == 8
+
+    h1 = by[("H1", "primary", "camex − domain")]["comparison"]
+    assert h1.kind == "paired" and h1.n == 6 and h1.difference == pytest.approx(np.mean(ca_gain))
+    assert h1.p_sign == pytest.approx(2 / 64)  # 6 of 6 pairs favour CA
+    other = by[("H1", "primary", "camex_ties − ties")]["comparison"]
+    assert h1.p_holm == pytest.approx(min(1.0, 2 * h1.p)) and other.p_holm == pytest.approx(max(other.p, 2 * h1.p))
+    assert by[("H1", "primary", "camex − domain")]["decision"].startswith("CA lower")
+    decision = by[("H1", "primary", "camex_ties − ties")]["decision"]
+    lo, hi = other.ci
+    assert decision.startswith("no detectable effect") and f"[{lo:+.5f}, {hi:+.5f}]" in decision
+
+    # secondary endpoint: the per-run mean over its evaluations (here final + 0.5, so the same Δ)
+    sec = by[("H1", "secondary", "camex − domain")]["comparison"]
+    assert sec.difference == pytest.approx(h1.difference)
+
+    # H2: the CA runs of the control's seeds only, paired with the lr x 1.2 runs
+    h2 = by[("H2", "primary", "camex − domain (lr × 1.2)")]["comparison"]
+    assert h2.kind == "paired" and h2.seeds == ("0", "1", "2")
+    assert h2.differences == pytest.approx([ca_gain[s] + 0.02 for s in range(3)])
+
+
+def test_analysis_says_not_testable_when_seeds_do_not_pair():
+    main = [_run("prereg_lm", "domain", s, 5.0) for s in (0, 1)] + [_run("prereg_lm", "camex", s, 5.0) for s in (2, 3)]
+    rows = prereg.analyse(main, [], lambda _: [])
+    assert all(r["decision"].startswith("not testable") for r in rows)
+    assert "seeds do not pair" in rows[0]["decision"]
+
+
+# ------------------------------------------------------------------------------ the driver
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("prereg_cpu", ROOT / "scripts" / "prereg_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_driver_runs_both_arms_then_the_report_then_the_registered_tests(tmp_path, monkeypatch):
+    driver = _driver()
+    calls: list[list[str]] = []
+    monkeypatch.setattr(driver.pipeline, "_run", lambda cmd: calls.append(cmd) or 1.5)
+    monkeypatch.setattr(driver.prereg, "write", lambda uri, out: calls.append(["prereg", uri, str(out)]) or out)
+    outputs, out = tmp_path / "o", tmp_path / "r"
+    assert driver.main(["--reduced", "--outputs", str(outputs), "--out", str(out)]) == 0
+    sweeps, report, tests = calls[:2], calls[2], calls[3]
+    assert [c[3] for c in sweeps] == ["experiment=prereg_lm", "experiment=prereg_lm_control"]
+    assert "merge=domain,camex" in sweeps[0] and "merge=domain" in sweeps[1]
+    assert all("seed=0,1" in c and "trainer.max_steps=2" in c and f"paths.output_root={outputs}" in c for c in sweeps)
+    assert report[1:3] == ["-m", "camex.report"] and report[report.index("--experiment") + 1] == "prereg_lm"
+    assert tests == ["prereg", f"sqlite:///{outputs}/mlflow.db", str(out)]
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["command"].startswith("python scripts/prereg_cpu.py --reduced")
+    assert provenance["wall_clock_s"] == 3.0 and set(provenance["invocations"][0]["parts"]) == {"main", "control"}
+
+
+@pytest.mark.slow
+def test_reduced_pipeline_end_to_end(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "scripts/prereg_cpu.py", "--reduced", "--outputs", str(tmp_path / "o"), "--out",
+           str(tmp_path / "r")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    text = (tmp_path / "r" / "prereg.md").read_text()
+    assert "| H1 | primary: last-step NLL | camex − domain | 2 |" in text
+    assert "| H2 | primary: last-step NLL | camex − domain (lr × 1.2) | 2 |" in text
+    assert (tmp_path / "r" / "runs.csv").is_file()
+    # run again: every trial is found complete (nothing reruns) and the regenerated report agrees
+    again = subprocess.run([*cmd[:-1], str(tmp_path / "r2"), "--compare", str(tmp_path / "r")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "finished:" not in again.stdout and "agrees within seed noise" in again.stdout
+    assert (tmp_path / "r2" / "prereg.md").read_text() == text
