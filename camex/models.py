@@ -55,6 +55,24 @@ def resolve_source(ref: str | None, key: str) -> str | None:
     raise ModelError(f"{key}={ref}: package {package!r} ships no model/ folder and no GGUF file")
 
 
+def plain_after_gguf(model: nn.Module) -> nn.Module:
+    """A model read from a GGUF file and fully de-quantised (plain float layers, the only way
+    transformers loads one without the GGML kernels) is an ordinary model: drop the GGUF quantizer
+    so it can be trained and saved (transformers refuses both while it is attached)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or "gguf" not in type(quantizer).__name__.lower():
+        return model
+    dequantised = not getattr(quantizer, "supported", False) or quantizer.quantization_config.dequantize
+    if not dequantised or not all(p.is_floating_point() for p in model.parameters()):
+        raise ModelError("model.gguf_file: the GGUF weights were not de-quantised (GGML kernels in use); "
+                         "uninstall the `kernels` package to train this model")  # fmt: skip
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def gguf_kwargs(model_cfg: dict[str, Any]) -> dict[str, str]:
     """`{gguf_file: name}` for `from_pretrained` when the model is a GGUF file, else nothing."""
     name = model_cfg.get("gguf_file")
@@ -243,6 +261,8 @@ def build_model(model_cfg: dict[str, Any], *, head: Head, num_labels: int, token
             pretrained, **head_kwargs, **overrides, **gguf_kwargs(model_cfg),
             trust_remote_code=trust_remote_code(model_cfg),
         )  # fmt: skip
+        if model_cfg.get("gguf_file"):
+            plain_after_gguf(model)
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # GPT-2 classification needs it
     return model

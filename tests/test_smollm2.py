@@ -71,3 +71,19 @@ def test_smollm2_bad_gguf_file_is_one_line(tmp_path):
         models.check(cfg)
     with pytest.raises(models.ModelError, match="model.gguf_file=b.gguf: needs model.pretrained"):
         models.check({**cfg, "pretrained": None, "tokenizer": str(tmp_path)})
+
+
+@needs_package
+def test_smollm2_composes_exactly(smollm2, tmp_path):
+    """Two experts that are copies of the (truncated) SmolLM2 compose into an MoE equal to it (and
+    the GGUF-loaded model saves: transformers refuses while its GGUF quantizer is attached)."""
+    import camex
+
+    dense, tokenizer = smollm2
+    for name in ("base", "a", "b"):
+        dense.save_pretrained(tmp_path / name)
+    moe = camex.compose(str(tmp_path / "base"), {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")},
+                        shared="ties", variant="camex_ties").eval()  # fmt: skip
+    batch = tokenizer([TEXT], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(moe(**batch).logits, dense(**batch).logits, atol=1e-5, rtol=0)
