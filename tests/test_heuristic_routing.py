@@ -223,3 +223,20 @@ def test_run_py_with_perplexity_routing_reports_its_cost(tmp_path, attention):
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())["metrics"]
     assert metrics["final_routing_forwards"] > 0 and metrics["final_routing_forwards"] % 2 == 0  # 2 sources
     assert metrics["final_routing_flops"] > 0 and math.isfinite(metrics["final_perplexity"])
+
+
+def test_attach_with_separate_attention_routes_through_the_experts_blocks(lms):
+    from camex.compose.attach import attach
+    from camex.compose.separate import separate_attention
+
+    base, experts = lms
+    g = torch.Generator().manual_seed(12)
+    ids = torch.cat([domain_batch(d, g, n=1) for d in (1, 2, 0)])
+    hooked = copy.deepcopy(base)
+    cost = attach(hooked, HeuristicRouting(top_k=2, attention="separate"), experts)
+    by_hand = separate_attention(copy.deepcopy(base), experts)
+    set_sequence_weights(by_hand, route(HeuristicRouting(top_k=2), ids, sources=experts))
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(input_ids=ids).logits, by_hand(input_ids=ids).logits, atol=0, rtol=0)
+    assert cost.forwards == 3 and hooked.camex_sequence_weights.weights.argmax(1).tolist() == [1, 2, 0]
+    assert all(p.requires_grad for p in hooked.model.layers.parameters())  # the experts' blocks train in run.py
