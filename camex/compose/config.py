@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from camex.compose.heuristic import HeuristicRouting
 from camex.compose.routers import RouterInit
 from camex.compose.shared import SharedMerge
 from camex.compose.sources import ComposeError, open_checkpoint
 
-KEYS = ("base", "experts", "shared", "router", "prompts", "prompts_per_domain", "train_only", "save")
+KEYS = ("base", "experts", "shared", "router", "prompts", "prompts_per_domain", "train_only", "save", "routing")
 TRAIN_ONLY = ("full", "router")
 
 
@@ -26,6 +27,7 @@ class ComposeSpec:
     prompts_per_domain: int = 32
     train_only: str = "full"
     save: str | None = None
+    routing: HeuristicRouting | None = None  # routing.method set: heuristic routing (docs/heuristic_routing.md)
 
 
 def _build(cls, section: str, values: Any):
@@ -70,9 +72,15 @@ def parse(cfg: dict[str, Any] | None, *, default_base: str | None) -> ComposeSpe
                 f"compose.prompts.{missing[0]} is missing: router.init={router.init} needs prompts per domain "
                 "(a text file, one prompt per line, or domain:<name> for a shipped domain)"
             )
+    routing = dict(cfg.get("routing") or {})
+    routing = _build(HeuristicRouting, "routing", routing) if routing.get("method") else None
+    if routing is not None and train_only == "router":
+        raise ComposeError("compose.train_only=router needs a router with parameters; compose.routing has none")
+    if routing is not None and routing.attention == "separate" and cfg.get("save"):
+        raise ComposeError("compose.save is not available with compose.routing.attention=separate; allowed: null")
     spec = ComposeSpec(
         base=base, experts=dict(experts), shared=_build(SharedMerge, "shared", cfg.get("shared") or {}), router=router,
-        prompts=prompts, prompts_per_domain=k, train_only=train_only, save=cfg.get("save"),
+        prompts=prompts, prompts_per_domain=k, train_only=train_only, save=cfg.get("save"), routing=routing,
     )  # fmt: skip
     open_checkpoint(base, "compose.base")
     for d, ref in experts.items():

@@ -17,7 +17,7 @@ Head = Literal["sequence_classification", "regression", "seq2seq", "causal_lm", 
 class ModelInfo:
     """What a task needs to know about the model it feeds."""
 
-    family: Literal["t5", "gpt2", "bert", "timm"]
+    family: Literal["t5", "gpt2", "bert", "llama", "timm"]
     is_encoder_decoder: bool
     max_length: int  # longest input the task may produce
     image_size: int | None = None  # timm models: input resolution

@@ -150,7 +150,7 @@ def _check_model(cfg: dict, fam: Family, family: str, model: ModelInfo) -> None:
     if model.family not in fam.models or (fam.needs_encoder_decoder and not model.is_encoder_decoder):
         why = {
             "squad": "generative QA needs an encoder-decoder (T5) model",
-            "lm": "language modelling needs a causal LM (gpt2)",
+            "lm": "language modelling needs a causal LM (gpt2, llama)",
             "vision": "image classification needs a timm vision model",
         }.get(family, "text tasks need a text model (timm models take images)" if model.family == "timm" else "")
         raise TaskError(

@@ -69,7 +69,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "lm": Family(
         head="causal_lm",
-        models=("gpt2",),
+        models=("gpt2", "llama"),
         required=("text_field", "block_size"),
         optional={"eval_keep_remainder": False},
         metrics=("perplexity", "nll"),
