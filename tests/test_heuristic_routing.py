@@ -103,14 +103,19 @@ def test_task_vector_routing_picks_the_expert_trained_like_the_input(lms):
         assert (cost.forwards, cost.backwards) == (2, 2)
 
 
-def test_heuristic_weights_drive_the_composed_moe(lms, tmp_path):
-    """One-hot perplexity weights through every gate equal oracle routing to the same expert."""
+def _oracle_moe(lms, tmp_path):
+    """The experts, and the MoE composed from the saved base and experts with oracle routing."""
     base, experts = lms
     base.save_pretrained(tmp_path / "base")
     for name, e in zip(DOMAINS, experts):
         e.save_pretrained(tmp_path / name)
     sources = {name: str(tmp_path / name) for name in DOMAINS}
-    oracle = camex.compose(str(tmp_path / "base"), sources, router=RouterInit("oracle")).eval()
+    return experts, camex.compose(str(tmp_path / "base"), sources, router=RouterInit("oracle")).eval()
+
+
+def test_heuristic_weights_drive_the_composed_moe(lms, tmp_path):
+    """One-hot perplexity weights through every gate equal oracle routing to the same expert."""
+    experts, oracle = _oracle_moe(lms, tmp_path)
     routed = copy.deepcopy(oracle)
     install_sequence_weights(routed)
     g = torch.Generator().manual_seed(9)
@@ -138,12 +143,7 @@ def test_attach_routes_every_new_sequence_and_counts_the_cost(lms, tmp_path):
     generation steps keep the prompt's weights and cost nothing more."""
     from camex.compose.attach import attach
 
-    base, experts = lms
-    base.save_pretrained(tmp_path / "base")
-    for name, e in zip(DOMAINS, experts):
-        e.save_pretrained(tmp_path / name)
-    sources = {name: str(tmp_path / name) for name in DOMAINS}
-    oracle = camex.compose(str(tmp_path / "base"), sources, router=RouterInit("oracle")).eval()
+    experts, oracle = _oracle_moe(lms, tmp_path)
     routed = copy.deepcopy(oracle)
     cost = attach(routed, HeuristicRouting(top_k=1), experts)
     g = torch.Generator().manual_seed(11)
