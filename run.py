@@ -16,7 +16,7 @@ import camex  # noqa: F401 - registers ${camex.inside:...}, which conf/config.ya
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from camex import exits
-    from camex.exits import classify
+    from camex.exits import classify, say_error
     from camex.train import train
 
     exits.job_started = True
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> float | None:
         known = classify(e)
         if known is None:
             raise
-        print(f"error: {known[1]}", file=sys.stderr, flush=True)
+        say_error(known[1])
         if getattr(e, "every_rank", False):  # raised by every rank at one point, so this cannot deadlock:
             from camex import distributed  # none exits (and has torchrun kill the others mid-line) first
 

@@ -30,6 +30,14 @@ _FULL_ERROR = "HYDRA_FULL_ERROR"
 _OURS = "CAMEX_SET_HYDRA_FULL_ERROR"  # marks HYDRA_FULL_ERROR as set by us, not by the user
 
 
+def say_error(message: str) -> None:
+    """`error: <message>` on stderr as one write, newline included: under torchrun every rank
+    shares one stderr pipe, and `print` writes the text and its newline separately, so two ranks
+    refusing at once could run their lines together."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def one_line(exc: BaseException) -> str:
     """The message of an exception (and of its cause, for Hydra's wrapped OmegaConf errors) on one
     line, without OmegaConf's `full_key:` / `object_type=` detail lines."""
@@ -144,5 +152,5 @@ def run_cli(main: Callable[[], Any]) -> None:
         if known is None:
             raise
         code, message = known
-        print(f"error: {message}", file=sys.stderr)
+        say_error(message)
         sys.exit(code)

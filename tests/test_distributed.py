@@ -185,3 +185,23 @@ def test_deepspeed_preset_is_zero2_with_cpu_optimizer_offload_on_the_released_sc
     assert auto == ["auto"] * 5
     released = yaml.safe_load((ROOT / "conf" / "trainer" / "glue_released.yaml").read_text())
     assert released["precision"] == "fp32" and released["learning_rate"] == 2.0e-4 and released["batch_size"] == 16
+
+
+def test_an_error_line_reaches_stderr_in_one_write(monkeypatch):
+    """Ranks share torchrun's stderr pipe; a line written as text then newline (as `print` does)
+    can be split by the other rank's line, which is how the refusal test above once saw 1 line of 2."""
+    from camex import exits
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    exits.say_error("x already holds a run")
+    assert writes == ["error: x already holds a run\n"]
