@@ -40,7 +40,14 @@ def hub_offline() -> bool:
 
 def resolve_source(ref: str | None, key: str) -> str | None:
     """A local path for `package:<name>` (its `model/` folder, else the package folder when it
-    holds a GGUF file), the path or hub id unchanged otherwise."""
+    holds a GGUF file) and for `asset:<name>` (camex/assets/<name>, e.g. a corpus-fitted
+    tokenizer: camex.tasks.corpus_tokenizer), the path or hub id unchanged otherwise."""
+    if ref is not None and ref.startswith("asset:"):
+        folder = Path(__file__).resolve().parent / "assets" / ref.split(":", 1)[1]
+        if not folder.is_dir():
+            known = sorted(p.name for p in folder.parent.iterdir() if p.is_dir())
+            raise ModelError(f"{key}={ref}: no such asset; allowed: {', '.join(f'asset:{k}' for k in known)}")
+        return str(folder)
     if ref is None or not ref.startswith("package:"):
         return ref
     package = ref.split(":", 1)[1]

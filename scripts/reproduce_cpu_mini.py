@@ -100,10 +100,12 @@ def reproduce(
     outputs: str,
     out: str,
     after_report: Callable[[Path, Path], None] | None = None,
+    before_sweeps: Callable[[Path, bool], None] | None = None,
 ) -> int:
     """The pipeline shared by the CPU drivers: every part's sweep (`presets`: part -> experiment
     preset, run in that order into one MLflow store under `--outputs`), provenance, the report on
-    `experiments`, then `after_report(outputs, out)` and `--compare`. `reduced`: part -> extra
+    `experiments`, then `after_report(outputs, out)` and `--compare`; `before_sweeps(outputs, reduced)`
+    first (e.g. building what a preset reads from the outputs folder). `reduced`: part -> extra
     overrides under `--reduced` (its "common" entry goes to every part)."""
     p = argparse.ArgumentParser(prog=script, description=description)
     p.add_argument("--outputs", default=outputs, help="run folders, MLflow store and studies")
@@ -120,6 +122,10 @@ def reproduce(
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else []
 
     invocation = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_commit": _git_commit(), "parts": {}}
+    if before_sweeps is not None:
+        started = time.time()
+        before_sweeps(outputs_dir, args.reduced)
+        invocation["before_sweeps_s"] = round(time.time() - started, 1)
     for part, preset in presets.items():
         extra = (reduced.get("common", []) + reduced.get(part, [])) if args.reduced else []
         cmd = [sys.executable, "run.py", "-m", f"experiment={preset}", f"paths.output_root={outputs_dir}",
@@ -131,7 +137,8 @@ def reproduce(
     given = argv if argv is not None else sys.argv[1:]
     provenance = {
         "command": shlex.join(["python", script, *given]),
-        "wall_clock_s": round(sum(p["seconds"] for inv in timings for p in inv["parts"].values()), 1),
+        "wall_clock_s": round(sum(p["seconds"] for inv in timings for p in inv["parts"].values())
+                              + sum(inv.get("before_sweeps_s", 0.0) for inv in timings), 1),
         "invocations": timings,
         "git_commit": timings[0].get("git_commit", _git_commit()),  # the code the first runs ran with
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs visible",

@@ -38,15 +38,31 @@ def _sweep(cfg: dict) -> dict[str, list[str]]:
 def test_main_arm_preset_is_the_registered_design():
     cfg = _cfg("prereg_lm")
     assert cfg["experiment_name"] == "prereg_lm"
-    assert cfg["task"]["name"] == "offline/wiki_lm" and cfg["model"]["name"] == "small_gpt2"
+    assert cfg["task"]["name"] == "offline/wiki_lm" and cfg["model"]["name"] == "small_gpt2_bpe8k"
+    assert cfg["model"]["tokenizer"] == "asset:wiki_bpe8k"  # amendment 1: the corpus-fitted vocabulary
     assert cfg["task"]["block_size"] == 256 and cfg["merge"]["segment_len"] == 64
     t = cfg["trainer"]
     assert t["batch_size"] * cfg["task"]["block_size"] == 2048  # tokens per optimizer step
     assert (t["eval_every"], t["eval_steps"]) == ("steps", 50)
     assert t["select_best"] is False  # the primary endpoint is the last step
-    assert t["max_train_samples"] is None and t["max_eval_samples"] is None  # the full sample
+    assert t["max_train_samples"] is None  # the full sample
+    assert t["max_eval_samples"] == 128 and cfg["task"]["data_seed"] == 0  # the same 128 eval blocks for every run
     assert _sweep(cfg) == {"merge": ["domain", "camex", "ties", "camex_ties"], "seed": [str(s) for s in range(6)]}
     assert cfg["hydra"]["sweeper"]["sampler"] == "grid" and cfg["hydra"]["launcher"]["n_jobs"] == 2
+
+
+def test_fine_tuning_arm_preset_is_the_registered_design(tmp_path):
+    cfg = _cfg("prereg_ft", f"paths.output_root={tmp_path}")
+    resolved = OmegaConf.to_container(OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"}), resolve=True)
+    assert cfg["experiment_name"] == "prereg_ft"
+    assert (cfg["task"]["name"], cfg["model"]["name"], cfg["task"]["max_length"]) == ("offline/topic", "minilm", 48)
+    # the composed MoE reads the experts the driver builds into the outputs folder (scripts/prereg_experts.py)
+    assert resolved["compose"]["experts"] == {d: str(tmp_path / "experts" / d) for d in ("tweets", "wikipedia", "code")}
+    t = cfg["trainer"]
+    assert (t["learning_rate"], t["batch_size"], t["max_steps"], t["warmup_steps"]) == (1.0e-3, 8, 100, 10)
+    assert (t["eval_every"], t["eval_steps"], t["select_best"]) == ("steps", 25, False)
+    assert t["max_train_samples"] is None and t["max_eval_samples"] is None
+    assert _sweep(cfg) == {"merge": ["domain", "camex"], "seed": [str(s) for s in range(5)]}
 
 
 def test_control_is_the_euclidean_rows_at_learning_rate_x_1_2_on_shared_seeds():
@@ -62,18 +78,40 @@ def test_control_is_the_euclidean_rows_at_learning_rate_x_1_2_on_shared_seeds():
     assert {k: v for k, v in control["trainer"].items() if k != "learning_rate"} == same
 
 
-def test_max_steps_is_one_epoch_of_the_full_sample():
-    """Counts the train blocks of the full gensim sample with the preset's tokenizer (~15 s)."""
+def test_max_steps_and_eval_blocks_are_the_registered_counts():
+    """Counts the blocks of the full gensim sample with the preset's tokenizer (~15 s)."""
     from camex import models, tasks
 
     cfg = OmegaConf.to_container(OmegaConf.create({k: v for k, v in _cfg("prereg_lm").items() if k != "hydra"}),
                                  resolve=True)  # fmt: skip
     task = {**cfg["task"], "max_train_samples": None, "max_eval_samples": None}
-    prepared = tasks.prepare(task, tokenizer=models.load_tokenizer(cfg["model"]), model=models.model_info(cfg["model"]),
-                             seed=0)  # fmt: skip
-    blocks = len(prepared.train)
-    assert cfg["trainer"]["max_steps"] == math.ceil(blocks / cfg["trainer"]["batch_size"])
-    assert (blocks, cfg["trainer"]["max_steps"]) == (2293, 287)  # the numbers docs/prereg_cpu.md states
+    tokenizer = models.load_tokenizer(cfg["model"])
+    assert len(tokenizer) == 8192
+    prepared = tasks.prepare(task, tokenizer=tokenizer, model=models.model_info(cfg["model"]), seed=0)
+    blocks, eval_blocks = len(prepared.train), len(prepared.eval)
+    epoch = math.ceil(blocks / cfg["trainer"]["batch_size"])
+    # the numbers docs/prereg_cpu.md states: 300 of the 338 steps of an epoch, 128 of 360 eval blocks
+    assert (blocks, epoch, cfg["trainer"]["max_steps"], eval_blocks) == (2699, 338, 300, 360)
+
+
+def test_an_unknown_asset_is_refused_with_the_allowed_ones():
+    from camex import models
+
+    assert models.resolve_source("asset:wiki_bpe8k", "model.tokenizer").endswith("camex/assets/wiki_bpe8k")
+    with pytest.raises(models.ModelError, match=r"tokenizer=asset:nope: no such asset; allowed: asset:wiki_bpe8k"):
+        models.resolve_source("asset:nope", "model.tokenizer")
+
+
+def test_the_committed_tokenizer_is_what_its_build_script_writes(tmp_path):
+    """camex/assets/wiki_bpe8k is regenerated from the train split and compared file by file (~10 s)."""
+    spec = importlib.util.spec_from_file_location("build_tokenizer", ROOT / "scripts" / "build_tokenizer.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    out = build.build("wiki_bpe8k", tmp_path / "wiki_bpe8k")
+    committed = ROOT / "camex" / "assets" / "wiki_bpe8k"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in committed.iterdir())
+    for f in committed.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 # ---------------------------------------------------------------------------------------- power
@@ -137,7 +175,7 @@ def test_analysis_pairs_by_seed_holm_adjusts_and_states_no_effect_with_its_inter
     control = [_run("prereg_lm_control", m, s, base + s / 10 - 0.02) for m, base in (("domain", 5.0), ("ties", 6.0))
                for s in range(3)]  # fmt: skip
     history = {r.run_id: [(50, r.metrics["final_nll"] + 1.0), (100, r.metrics["final_nll"])] for r in main + control}
-    rows = prereg.analyse(main, control, history.__getitem__)
+    rows = prereg.analyse(main, control, lambda run_id, key: history[run_id] if key == "eval_nll" else [])
     by = {(r["hypothesis"], r["endpoint"].split(":")[0], r["pair"]): r for r in rows}
     assert len(rows) == 8
 
@@ -163,9 +201,35 @@ def test_analysis_pairs_by_seed_holm_adjusts_and_states_no_effect_with_its_inter
 
 def test_analysis_says_not_testable_when_seeds_do_not_pair():
     main = [_run("prereg_lm", "domain", s, 5.0) for s in (0, 1)] + [_run("prereg_lm", "camex", s, 5.0) for s in (2, 3)]
-    rows = prereg.analyse(main, [], lambda _: [])
+    rows = prereg.analyse(main, [], lambda _, __: [])
     assert all(r["decision"].startswith("not testable") for r in rows)
     assert "seeds do not pair" in rows[0]["decision"]
+
+
+def _ft_run(merge: str, seed: int, accuracy: float, moved: float | None = None) -> Run:
+    metrics = {"final_accuracy": accuracy, **({} if moved is None else {prereg.MOVED: moved})}
+    return Run(f"ft-{merge}-{seed}", prereg.FINETUNE, {"task": "offline/topic", "model": "minilm", "merge": merge,
+               "seed": str(seed)}, {}, metrics)  # fmt: skip
+
+
+def test_fine_tuning_arm_reads_accuracy_with_higher_favouring_ca():
+    gain = [0.020, 0.025, 0.018, 0.022, 0.021]
+    runs = [_ft_run("domain", s, 0.80 + s / 100) for s in range(5)]
+    runs += [_ft_run("camex", s, 0.80 + s / 100 + gain[s], moved=0.08) for s in range(5)]
+    history = {r.run_id: [(25, r.metrics["final_accuracy"] - 0.1), (100, r.metrics["final_accuracy"])] for r in runs}
+    rows = prereg.analyse_finetune(runs, lambda run_id, key: history[run_id] if key == "eval_accuracy" else [])
+    assert [(r["hypothesis"], r["endpoint"].split(":")[0]) for r in rows] == [("H3", "primary"), ("H3", "secondary")]
+    c = rows[0]["comparison"]
+    assert c.kind == "paired" and c.n == 5 and c.difference == pytest.approx(np.mean(gain))
+    assert c.p_holm == pytest.approx(c.p)  # one pair per endpoint: Holm changes nothing
+    assert rows[0]["decision"].startswith("CA higher (supports the hypothesis)") and "accuracy" in rows[0]["decision"]
+    assert rows[1]["comparison"].difference == pytest.approx(c.difference)
+    # the manipulation check against the registered 5 %: met here, not met below it
+    assert "above the registered 5%" in prereg.manipulation_check(prereg.FINETUNE, runs)
+    low = [_ft_run("camex", s, 0.8, moved=0.002) for s in range(2)]
+    text = prereg.manipulation_check(prereg.FINETUNE, low)
+    assert "0.20% (mean of 2 runs)" in text and "says nothing about the paper's claim" in text
+    assert "cannot say" in prereg.manipulation_check(prereg.MAIN, [_ft_run("camex", 0, 0.8)])
 
 
 # ------------------------------------------------------------------------------ the driver
@@ -183,17 +247,21 @@ def test_driver_runs_both_arms_then_the_report_then_the_registered_tests(tmp_pat
     calls: list[list[str]] = []
     monkeypatch.setattr(driver.pipeline, "_run", lambda cmd: calls.append(cmd) or 1.5)
     monkeypatch.setattr(driver.prereg, "write", lambda uri, out: calls.append(["prereg", uri, str(out)]) or out)
+    monkeypatch.setattr(driver.prereg_experts, "build", lambda out, reduced: calls.append(["experts", str(out), reduced]))  # noqa: E501
     outputs, out = tmp_path / "o", tmp_path / "r"
     assert driver.main(["--reduced", "--outputs", str(outputs), "--out", str(out)]) == 0
-    sweeps, report, tests = calls[:2], calls[2], calls[3]
-    assert [c[3] for c in sweeps] == ["experiment=prereg_lm", "experiment=prereg_lm_control"]
-    assert "merge=domain,camex" in sweeps[0] and "merge=domain" in sweeps[1]
+    experts, sweeps, report, tests = calls[0], calls[1:4], calls[4], calls[5]
+    assert experts == ["experts", str(outputs / "experts"), True]  # built first: prereg_ft reads them
+    assert [c[3] for c in sweeps] == ["experiment=prereg_lm", "experiment=prereg_lm_control", "experiment=prereg_ft"]
+    assert "merge=domain,camex" in sweeps[0] and "merge=domain" in sweeps[1] and "merge=domain,camex" in sweeps[2]
     assert all("seed=0,1" in c and "trainer.max_steps=2" in c and f"paths.output_root={outputs}" in c for c in sweeps)
-    assert report[1:3] == ["-m", "camex.report"] and report[report.index("--experiment") + 1] == "prereg_lm"
+    assert report[1:3] == ["-m", "camex.report"]
+    assert [report[i + 1] for i, a in enumerate(report) if a == "--experiment"] == ["prereg_lm", "prereg_ft"]
     assert tests == ["prereg", f"sqlite:///{outputs}/mlflow.db", str(out)]
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["command"].startswith("python scripts/prereg_cpu.py --reduced")
-    assert provenance["wall_clock_s"] == 3.0 and set(provenance["invocations"][0]["parts"]) == {"main", "control"}
+    assert set(provenance["invocations"][0]["parts"]) == {"main", "control", "finetune"}
+    assert provenance["wall_clock_s"] == pytest.approx(4.5 + provenance["invocations"][0]["before_sweeps_s"])
 
 
 @pytest.mark.slow
@@ -210,6 +278,7 @@ def test_reduced_pipeline_end_to_end(tmp_path):
     text = (tmp_path / "r" / "prereg.md").read_text()
     assert "| H1 | primary: last-step NLL | camex − domain | 2 |" in text
     assert "| H2 | primary: last-step NLL | camex − domain (lr × 1.2) | 2 |" in text
+    assert "| H3 | primary: last-step accuracy | camex − domain | 2 |" in text and "## Manipulation checks" in text
     assert (tmp_path / "r" / "runs.csv").is_file()
     # run again: every trial is found complete (nothing reruns) and the regenerated report agrees
     again = subprocess.run([*cmd[:-1], str(tmp_path / "r2"), "--compare", str(tmp_path / "r")], cwd=ROOT, env=env,

@@ -6,6 +6,9 @@ paired by seed; primary endpoint the last step's NLL (`final_nll`), secondary th
 NLL over the evaluations (speed of convergence). Paired t-test and exact sign test, two-sided;
 Holm over the two row pairs within each endpoint. H2: the same CA runs minus the Euclidean rows
 at learning rate × 1.2 (the control shares seeds 0-2 with them, so it is paired by seed too).
+H3 (experiment=prereg_ft, the fine-tuning arm): Domain-specific-CA minus Domain-specific eval
+accuracy on BBC News, paired by seed; primary the last step's accuracy, secondary the mean over the
+evaluations. Manipulation checks: how far the curvature operators moved by the last step.
 
     python -m camex.report.prereg --tracking-uri sqlite:///outputs/prereg_cpu/mlflow.db --out reports/prereg_cpu
 """
@@ -24,8 +27,13 @@ from camex.report.power import PAIRS
 from camex.report.significance import Comparison, holm_adjust, pair_by_seed, paired
 
 ALPHA = 0.05
-MAIN, CONTROL = "prereg_lm", "prereg_lm_control"
-History = Callable[[str], list[tuple[int, float]]]  # run id -> (step, eval NLL)
+MAIN, CONTROL, FINETUNE = "prereg_lm", "prereg_lm_control", "prereg_ft"
+MOVED = "curvature_operator_change_median"  # ‖M − M₀‖ / ‖M₀‖ at the last evaluation (camex.moe.diagnostics)
+# per arm: the merge pairs compared, the endpoint metric, its unit, whether lower is better, and the
+# operator movement below which the arm cannot answer its question (registered in docs/prereg_cpu.md)
+FT_PAIRS = (("domain", "camex"),)
+CHECKS = {MAIN: 0.01, FINETUNE: 0.05}
+History = Callable[[str, str], list[tuple[int, float]]]  # (run id, metric) -> (step, value)
 
 
 def _stat(runs: Sequence[Run], value: Callable[[Run], float | None], seeds: set[str] | None = None) -> Stat:
@@ -34,9 +42,9 @@ def _stat(runs: Sequence[Run], value: Callable[[Run], float | None], seeds: set[
     return Stat(tuple(v for _, v in kept), tuple(r.seed for r, _ in kept), tuple(r.run_id for r, _ in kept))
 
 
-def _mean_eval(history: History) -> Callable[[Run], float | None]:
+def _mean_eval(history: History, key: str = "eval_nll") -> Callable[[Run], float | None]:
     def value(run: Run) -> float | None:
-        points = history(run.run_id)
+        points = history(run.run_id, key)
         return math.fsum(v for _, v in points) / len(points) if points else None
 
     return value
@@ -53,18 +61,66 @@ def _test(a: Stat, b: Stat) -> Comparison:
     return paired(pairs)
 
 
-def decision(c: Comparison, alpha: float = ALPHA) -> str:
-    """The pre-registered reading of one comparison (CA − Euclidean NLL: negative favours CA)."""
+def decision(c: Comparison, alpha: float = ALPHA, *, unit: str = "nats", lower_is_better: bool = True) -> str:
+    """The pre-registered reading of one comparison (CA − Euclidean: for NLL negative favours CA,
+    for accuracy positive does)."""
     if c.kind == "identical":
         return "no effect: bit-identical on every seed"
     if c.p_holm is None or c.ci is None or c.difference is None:
         return f"not testable ({c.reason or 'too few pairs'})"
     lo, hi = c.ci
     if c.p_holm < alpha:
-        return ("CA lower (supports the hypothesis)" if c.difference < 0 else "CA higher (against the hypothesis)") + (
-            f": Δ = {c.difference:+.5f} nats, 95 % CI [{lo:+.5f}, {hi:+.5f}]"
+        better = (c.difference < 0) == lower_is_better
+        word = "lower" if c.difference < 0 else "higher"
+        return f"CA {word} ({'supports' if better else 'against'} the hypothesis)" + (
+            f": Δ = {c.difference:+.5f} {unit}, 95 % CI [{lo:+.5f}, {hi:+.5f}]"
         )
-    return f"no detectable effect: Δ = {c.difference:+.5f} nats, 95 % CI [{lo:+.5f}, {hi:+.5f}] bounds it"
+    return f"no detectable effect: Δ = {c.difference:+.5f} {unit}, 95 % CI [{lo:+.5f}, {hi:+.5f}] bounds it"
+
+
+def _by_merge(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    out: dict[str, list[Run]] = {}
+    for run in runs:
+        out.setdefault(run.merge, []).append(run)
+    return out
+
+
+def analyse_finetune(runs: Sequence[Run], history: History) -> list[dict]:
+    """H3: one row per endpoint (a single pair: Holm leaves its p as it is)."""
+    by_merge = _by_merge(runs)
+    rows: list[dict] = []
+    endpoints = (("primary: last-step accuracy", lambda r: r.metrics.get("final_accuracy")),
+                 ("secondary: mean accuracy over evaluations", _mean_eval(history, "eval_accuracy")))  # fmt: skip
+    for endpoint, value in endpoints:
+        for euclid, ca in FT_PAIRS:
+            (c,) = holm_adjust([_test(_stat(by_merge.get(ca, []), value), _stat(by_merge.get(euclid, []), value))])
+            rows.append({"hypothesis": "H3", "endpoint": endpoint, "pair": f"{ca} − {euclid}", "comparison": c,
+                         "decision": decision(c, unit="accuracy", lower_is_better=False)})  # fmt: skip
+    return rows
+
+
+def operator_movement(runs: Sequence[Run]) -> dict[str, tuple[float, int]]:
+    """merge -> (mean over its runs of ‖M − M₀‖/‖M₀‖ at the last evaluation, runs that logged it)."""
+    out: dict[str, tuple[float, int]] = {}
+    for merge, group in _by_merge(runs).items():
+        values = [v for r in group if (v := r.metrics.get(MOVED)) is not None and math.isfinite(v)]
+        if values:
+            out[merge] = (math.fsum(values) / len(values), len(values))
+    return out
+
+
+def manipulation_check(arm: str, runs: Sequence[Run]) -> str:
+    """The registered sentence on whether the curvature operators moved enough for the arm to answer."""
+    threshold = CHECKS[arm]
+    moved = operator_movement(runs)
+    if not moved:
+        return f"{arm}: no curvature-aware run logged {MOVED}: the arm cannot say whether curvature acted."
+    parts = [f"{m} {v:.2%} (mean of {n} runs)" for m, (v, n) in sorted(moved.items())]
+    low = [m for m, (v, _) in moved.items() if v < threshold]
+    verdict = (f"below the registered {threshold:.0%} for {', '.join(sorted(low))}: there the curvature-aware and "
+               "Euclidean runs are nearly the same model, and a null result says nothing about the paper's claim"
+               if low else f"above the registered {threshold:.0%}: curvature acted")  # fmt: skip
+    return f"{arm}: curvature operators moved by the last step: {'; '.join(parts)}; {verdict}."
 
 
 def analyse(main: Sequence[Run], control: Sequence[Run], history: History) -> list[dict]:
@@ -76,7 +132,8 @@ def analyse(main: Sequence[Run], control: Sequence[Run], history: History) -> li
     for run in control:
         ctrl.setdefault(run.merge, []).append(run)
     rows: list[dict] = []
-    endpoints = (("primary: last-step NLL", _final), ("secondary: mean NLL over evaluations", _mean_eval(history)))
+    endpoints = (("primary: last-step NLL", _final),
+                 ("secondary: mean NLL over evaluations", _mean_eval(history, "eval_nll")))  # fmt: skip
     for endpoint, value in endpoints:
         for hypothesis in ("H1", "H2"):
             family = []
@@ -101,9 +158,10 @@ def _p(p: float | None) -> str:
     return "–" if p is None else f"{p:.3g}"
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], checks: Sequence[str] = ()) -> str:
     lines = ["# Pre-registered analysis (docs/prereg_cpu.md)", "",
-             "Δ = curvature-aware − Euclidean eval NLL (nats), per seed pair; negative favours CA. "
+             "Δ = curvature-aware − Euclidean, per seed pair: eval NLL in nats (H1, H2; negative favours CA), "
+             "eval accuracy (H3; positive favours CA). "
              "Paired t-test (Holm over the two row pairs per hypothesis and endpoint) and exact sign test, two-sided.",
              "", "| hypothesis | endpoint | pair | n | Δ mean | 95 % CI | p (t) | p (Holm) | p (sign) "
              "| CA lower/higher | decision |",
@@ -114,7 +172,9 @@ def render(rows: list[dict]) -> str:
         diff = "–" if c.difference is None else f"{c.difference:+.5f}"
         lines.append(f"| {r['hypothesis']} | {r['endpoint']} | {r['pair']} | {c.n} | {diff} | {ci} | {_p(c.p)} | "
                      f"{_p(c.p_holm)} | {_p(c.p_sign)} | {c.losses}/{c.wins} | {r['decision']} |")  # fmt: skip
-    lines += ["", "CA lower/higher: seed pairs where the curvature-aware run's NLL is lower / higher."]
+    lines += ["", "CA lower/higher: seed pairs where the curvature-aware run's value is lower / higher."]
+    if checks:
+        lines += ["", "## Manipulation checks", "", *(f"- {c}" for c in checks)]
     return "\n".join(lines) + "\n"
 
 
@@ -122,19 +182,23 @@ def write(uri: str, out: Path) -> Path:
     """Collect both arms from the MLflow store at `uri` and write `out`/prereg.md."""
     uri = normalise_uri(uri)
     mlflow_client = client(uri)
-    runs = collect_runs(uri, [MAIN, CONTROL])
-    main_runs = [r for r in runs if r.experiment == MAIN]
-    control_runs = [r for r in runs if r.experiment == CONTROL]
-    rows = analyse(main_runs, control_runs, lambda run_id: metric_history(mlflow_client, run_id, "eval_nll"))
+    runs = collect_runs(uri, [MAIN, CONTROL, FINETUNE])
+    arm = {name: [r for r in runs if r.experiment == name] for name in (MAIN, CONTROL, FINETUNE)}
+
+    def history(run_id: str, key: str) -> list[tuple[int, float]]:
+        return metric_history(mlflow_client, run_id, key)
+
+    rows = analyse(arm[MAIN], arm[CONTROL], history) + analyse_finetune(arm[FINETUNE], history)
+    checks = [manipulation_check(name, arm[name]) for name in (MAIN, FINETUNE)]
     out.mkdir(parents=True, exist_ok=True)
     path = out / "prereg.md"
-    path.write_text(render(rows))
+    path.write_text(render(rows, checks))
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tracking-uri", required=True, help="the MLflow store holding prereg_lm and prereg_lm_control")
+    p.add_argument("--tracking-uri", required=True, help="the MLflow store holding the three arms' experiments")
     p.add_argument("--out", type=Path, required=True, help="report folder: prereg.md is written there")
     args = p.parse_args(argv)
     try:
