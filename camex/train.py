@@ -77,6 +77,17 @@ class _CamexTrainerMixin:
             preds = (preds, generation_scores(model, inputs, preds, pad)[:, None])
         return loss, preds, labels
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """A tied head (GPT-2's and SmolLM2's `lm_head.weight` is the token embedding) is not in a
+        safetensors checkpoint, so loading the best checkpoint lists it as missing although loading
+        the embedding restored it: only keys not tied to a loaded tensor are worth the warning."""
+        state = self.model.state_dict(keep_vars=True)
+        missing = set(load_result.missing_keys)
+        loaded = {state[k].data_ptr() for k in state if k not in missing and state[k].numel()}
+        tied = {k for k in missing if k in state and state[k].numel() and state[k].data_ptr() in loaded}
+        kept = [k for k in load_result.missing_keys if k not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=kept))
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             args = self.args
