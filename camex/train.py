@@ -414,6 +414,17 @@ def _compose(model: torch.nn.Module, spec: compose_config.ComposeSpec, run: RunS
         attach(model, spec.routing, dense, base)
 
 
+def _compose_heterogeneous(spec: compose_config.ComposeSpec) -> torch.nn.Module:
+    """compose.heterogeneous: experts of other depths/widths, each keeping its stack (MERGEME.md §2.3)."""
+    from camex.compose.hetero import from_checkpoints
+
+    model = from_checkpoints(spec.experts, top_k=spec.heterogeneous.top_k)
+    if spec.train_only == "router":
+        model.requires_grad_(False)
+        model.router.requires_grad_(True)
+    return model
+
+
 def train(cfg: dict[str, Any], *, run_dir: Path, hydra_pending: Path | None = None) -> dict[str, Any]:
     """Run one training run from a resolved config (plain containers).
 
@@ -464,15 +475,23 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
     set_seed(seed)
 
     tokenizer = models.load_tokenizer(spec.model)
+    hetero = composing is not None and composing.heterogeneous is not None
+    if hetero and len(tokenizer) > composing.vocab_size:
+        raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens, more than the vocabulary of "
+                          f"compose.experts ({composing.vocab_size}); allowed: the experts' own tokenizer")  # fmt: skip
     prepared = tasks.prepare(_sample_limits(spec.task, spec.trainer), tokenizer=tokenizer, model=spec.info, seed=seed)
     pad_like_released(prepared, spec)
-    model = models.build_model(spec.model, head=prepared.head, num_labels=prepared.num_labels, tokenizer=tokenizer)
+    if hetero:  # the experts themselves make the MoE: no dense model to build or upcycle
+        model = _compose_heterogeneous(composing)
+    else:
+        model = models.build_model(spec.model, head=prepared.head, num_labels=prepared.num_labels, tokenizer=tokenizer)
     target = model.model if isinstance(model, models.VisionClassifier) else model
     try:
-        footprint.check(target, spec.variant, spec.options)  # e.g. merge.num_experts=10**6: refused, not allocated
+        if not hetero:
+            footprint.check(target, spec.variant, spec.options)  # e.g. merge.num_experts=10**6: refused
         if composing is None:
             upcycle(target, spec.variant, spec.options)
-        else:
+        elif not hetero:
             _compose(target, composing, spec, tokenizer, seed)
     except ValueError as e:  # options checked against the loaded model, e.g. merge.layers beyond its depth
         raise ConfigError(str(e)) from None
@@ -536,7 +555,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
         if cost is not None:  # heuristic routing's extra passes through the sources / base
             final.update({f"final_routing_{k}": float(v) for k, v in cost.as_dict().items() if k != "per_source"})
         separate = composing is not None and composing.routing is not None and composing.routing.attention == "separate"
-        if composing is not None and not separate and distributed.is_main():  # restorable by camex.load
+        if composing is not None and not separate and not hetero and distributed.is_main():  # for camex.load
             compose.save(target, run_dir / "final_composed", tokenizer=tokenizer)
         final["final_wall_seconds"] = time.time() - started
         params_count, peak_memory = _resource_metrics(model)
