@@ -543,7 +543,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
         trainer.add_callback(faults.signal_callback(guard))  # SIGINT/SIGTERM: checkpoint, then stop
         tracker.log_dict(params, "config.json")
         with guard.deferred():
-            trainer.train(resume_from_checkpoint=resume_from)
+            if spec.trainer["max_steps"] != 0:  # 0: evaluate the model as built (e.g. MergeME's no fine-tuning)
+                trainer.train(resume_from_checkpoint=resume_from)
         saved = get_last_checkpoint(trainer.args.output_dir) if os.path.isdir(trainer.args.output_dir) else None
         if guard.received is not None:
             raise faults.RunInterrupted(guard.received, trainer.state.global_step, saved)
@@ -554,8 +555,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
         cost = getattr(target, "camex_routing_cost", None)
         if cost is not None:  # heuristic routing's extra passes through the sources / base
             final.update({f"final_routing_{k}": float(v) for k, v in cost.as_dict().items() if k != "per_source"})
-        separate = composing is not None and composing.routing is not None and composing.routing.attention == "separate"
-        if composing is not None and not separate and not hetero and distributed.is_main():  # for camex.load
+        # restorable by camex.load: not with heuristic routing (its gates were replaced by the sources'
+        # weights, which camex.load cannot rebuild) nor heterogeneous experts (final_model/ holds them)
+        routed = composing is not None and composing.routing is not None
+        if composing is not None and not routed and not hetero and distributed.is_main():
             compose.save(target, run_dir / "final_composed", tokenizer=tokenizer)
         final["final_wall_seconds"] = time.time() - started
         params_count, peak_memory = _resource_metrics(model)
