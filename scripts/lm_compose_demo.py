@@ -61,12 +61,9 @@ def load_config(reduced: bool) -> dict:
     return cfg
 
 
-def model_config(cfg: dict, layers: int | None = None) -> dict:
-    """conf/model/<cfg.model>.yaml, with `layers` blocks if given."""
-    out = yaml.safe_load((ROOT / "conf" / "model" / f"{cfg['model']}.yaml").read_text())
-    if layers is not None:
-        out["config"] = {**(out.get("config") or {}), "num_hidden_layers": layers}
-    return out
+def model_config(cfg: dict) -> dict:
+    """conf/model/<cfg.model>.yaml."""
+    return yaml.safe_load((ROOT / "conf" / "model" / f"{cfg['model']}.yaml").read_text())
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -163,15 +160,15 @@ def run(cfg: dict, out: Path, log) -> dict:
             log(f"{key}: {results.get(key)}")
         return results.get(key)
 
-    def base_model(name: str, layers: int | None) -> str:
-        path = ckpt / name
-        if not path.exists():
-            mcfg = model_config(cfg, layers)
-            save_atomic(models.build_model(mcfg, head="causal_lm", num_labels=0, tokenizer=tokenizer), tokenizer, path)
-        return str(path)
-
-    base = base_model("base", None)
-    shallow = base_model("base_shallow", cfg["shallow_layers"])
+    base, shallow = str(ckpt / "base"), str(ckpt / "base_shallow")
+    if not Path(base).exists():
+        model = models.build_model(model_config(cfg), head="causal_lm", num_labels=0, tokenizer=tokenizer)
+        save_atomic(model, tokenizer, Path(base))
+    if not Path(shallow).exists():  # its first blocks: the same truncation, without reading the GGUF file again
+        model = AutoModelForCausalLM.from_pretrained(base)
+        model.model.layers = model.model.layers[: cfg["shallow_layers"]]
+        model.config.num_hidden_layers = cfg["shallow_layers"]
+        save_atomic(model, tokenizer, Path(shallow))
     experts = {d: str(ckpt / f"expert_{d}") for d in domains}
     trained = {f"expert/{d}": (base, d, experts[d]) for d in domains}
     hd = cfg["hetero_domains"]
