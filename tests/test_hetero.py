@@ -146,6 +146,11 @@ def test_other_vocabularies_are_refused_in_one_line_before_any_work(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "vocabularies differ (a: 30522, b: 30523)" in lines[0], lines
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.safetensors"))
+    small = {"a": _gpt2(tmp_path / "sa", depth=1, vocab=100), "b": _gpt2(tmp_path / "sb", depth=2, vocab=100)}
+    proc = _run(tmp_path, small, "trainer.max_steps=2")  # the MiniLM tokenizer has 30522 tokens
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "model.tokenizer has 30522 tokens, more than the vocabulary of compose.experts (100)" in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ class HeteroSpec:
     """`compose.heterogeneous`: the experts are the whole MoE (no base, no shared merge)."""
 
     enabled: bool = False
-    top_k: int = 1  # experts per sequence, from the sequence router
+    top_k: int = 2  # experts per sequence, from the sequence router (conf/compose/mergeme.yaml)
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
