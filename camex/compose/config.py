@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from camex.compose.hetero import HeteroSpec, check_vocabularies
 from camex.compose.heuristic import HeuristicRouting
 from camex.compose.routers import RouterInit
 from camex.compose.shared import SharedMerge
 from camex.compose.sources import ComposeError, open_checkpoint
 
-KEYS = ("base", "experts", "shared", "router", "prompts", "prompts_per_domain", "train_only", "save", "routing")
+KEYS = ("base", "experts", "shared", "router", "prompts", "prompts_per_domain", "train_only", "save", "routing",
+        "heterogeneous")  # fmt: skip
 TRAIN_ONLY = ("full", "router")
 
 
@@ -28,6 +30,8 @@ class ComposeSpec:
     train_only: str = "full"
     save: str | None = None
     routing: HeuristicRouting | None = None  # routing.method set: heuristic routing (docs/heuristic_routing.md)
+    heterogeneous: HeteroSpec | None = None  # heterogeneous.enabled: experts of other depth/width (hetero.py)
+    vocab_size: int | None = None  # heterogeneous: the experts' shared vocabulary
 
 
 def _build(cls, section: str, values: Any):
@@ -52,6 +56,9 @@ def parse(cfg: dict[str, Any] | None, *, default_base: str | None) -> ComposeSpe
     experts = cfg["experts"]
     if not isinstance(experts, dict) or not all(isinstance(v, str) and v for v in experts.values()):
         raise ComposeError(f"compose.experts={experts!r} is invalid; allowed: a mapping {{domain: checkpoint}}")
+    hetero = _build(HeteroSpec, "heterogeneous", cfg.get("heterogeneous") or {})
+    if hetero.enabled:
+        return _heterogeneous(cfg, experts, hetero)
     base = cfg.get("base") or default_base
     if not isinstance(base, str):
         raise ComposeError("compose.base is missing; allowed: a checkpoint (null: model.pretrained)")
@@ -86,6 +93,27 @@ def parse(cfg: dict[str, Any] | None, *, default_base: str | None) -> ComposeSpe
     for d, ref in experts.items():
         open_checkpoint(ref, f"compose.experts.{d}")
     return spec
+
+
+def _heterogeneous(cfg: dict[str, Any], experts: dict[str, str], hetero: HeteroSpec) -> ComposeSpec:
+    """compose.heterogeneous.enabled: the experts alone make the MoE; what only a composition from
+    a base means (a merge of shared weights, router inits, heuristic routing, compose.save) is refused."""
+    train_only = cfg.get("train_only", "full")
+    if train_only not in TRAIN_ONLY:
+        raise ComposeError(f"compose.train_only={train_only!r} is not one of {list(TRAIN_ONLY)}")
+    router = (cfg.get("router") or {}).get("init", "random")
+    if router != "random":
+        raise ComposeError(f"compose.router.init={router} is not available with compose.heterogeneous.enabled=true; "
+                           "allowed: random (the sequence router starts random)")  # fmt: skip
+    if (cfg.get("routing") or {}).get("method"):
+        raise ComposeError("compose.routing.method is not available with compose.heterogeneous.enabled=true; "
+                           "allowed: null")  # fmt: skip
+    if cfg.get("save"):
+        raise ComposeError("compose.save is not available with compose.heterogeneous.enabled=true; allowed: null "
+                           "(the trained MoE's weights are in <run_dir>/final_model)")  # fmt: skip
+    vocab = check_vocabularies({d: open_checkpoint(ref, f"compose.experts.{d}") for d, ref in experts.items()})
+    return ComposeSpec(base="", experts=dict(experts), shared=SharedMerge(), router=RouterInit(),
+                       train_only=train_only, heterogeneous=hetero, vocab_size=vocab)  # fmt: skip
 
 
 def train_only_router(model) -> None:
