@@ -232,6 +232,18 @@ def test_fine_tuning_arm_reads_accuracy_with_higher_favouring_ca():
     assert "cannot say" in prereg.manipulation_check(prereg.MAIN, [_ft_run("camex", 0, 0.8)])
 
 
+def test_the_analysis_quotes_the_registration_commits():
+    registered = prereg.registration_commits()
+    if not registered:
+        pytest.skip("no git history in this checkout")
+    hashes = [line.split()[0] for line in registered]
+    # the first registration and amendment 1, oldest first, each a commit that changed docs/prereg_cpu.md
+    assert all(line.split(" ", 3)[3].startswith("Pre-registration:") for line in registered)
+    assert any(h.startswith("fef311e") for h in hashes) and any(h.startswith("b1962ff") for h in hashes)
+    text = prereg.render([], [], registered)
+    assert "Registered before any run" in text and f"`{hashes[0]}`" in text
+
+
 # ------------------------------------------------------------------------------ the driver
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -158,8 +159,27 @@ def _p(p: float | None) -> str:
     return "–" if p is None else f"{p:.3g}"
 
 
-def render(rows: list[dict], checks: Sequence[str] = ()) -> str:
+REGISTRATION = "docs/prereg_cpu.md"
+
+
+def registration_commits(repo: Path | None = None) -> list[str]:
+    """`<hash> <date> <subject>` of every commit that registered or amended the design (message
+    starting "Pre-registration:", touching docs/prereg_cpu.md), oldest first; empty without git history."""
+    root = repo or Path(__file__).resolve().parents[2]
+    cmd = ["git", "log", "--reverse", "--format=%h %ad %s", "--date=format:%Y-%m-%d %H:%M", "--grep=^Pre-registration:",
+           "--", REGISTRATION]  # fmt: skip
+    try:
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return out.stdout.splitlines() if out.returncode == 0 else []
+
+
+def render(rows: list[dict], checks: Sequence[str] = (), registered: Sequence[str] = ()) -> str:
+    quoted = [f"- `{line.split(' ', 1)[0]}` {line.split(' ', 1)[1]}" for line in registered]
     lines = ["# Pre-registered analysis (docs/prereg_cpu.md)", "",
+             "Registered before any run, in these commits (design, hypotheses, tests, decision rules):", "",
+             *(quoted or ["- (no git history here: see docs/prereg_cpu.md)"]), "",
              "Δ = curvature-aware − Euclidean, per seed pair: eval NLL in nats (H1, H2; negative favours CA), "
              "eval accuracy (H3; positive favours CA). "
              "Paired t-test (Holm over the two row pairs per hypothesis and endpoint) and exact sign test, two-sided.",
@@ -192,7 +212,7 @@ def write(uri: str, out: Path) -> Path:
     checks = [manipulation_check(name, arm[name]) for name in (MAIN, FINETUNE)]
     out.mkdir(parents=True, exist_ok=True)
     path = out / "prereg.md"
-    path.write_text(render(rows, checks))
+    path.write_text(render(rows, checks, registration_commits()))
     return path
 
 
