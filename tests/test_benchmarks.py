@@ -56,7 +56,9 @@ def test_layer_benchmark_counts_the_matmuls_each_case_executes(monkeypatch):
     at r = 1, which per entry and expert runs every mode forward, every mode again for ∂τ and for
     the factor gradients, and recomputes all partial products but the last; and the merged
     linear in tiles of one row that does not keep its weights, which rebuilds them in its backward
-    pass and otherwise does the same products (every one of them counted)."""
+    pass and otherwise does the same products (every one of them counted). Euclidean merging
+    takes `τ = E − E_m` inside the merged linear's tiles, so its score gradient adds one
+    `⟨∂Ŵ_u, E_m⟩` product per unit that CAMEx (merging curved domain vectors) does not run."""
     shape = layer_bench.TINY["t5"]
     x, grad_y = layer_bench.make_inputs(shape, torch.device("cpu"), torch.float32, grad=True)
 
@@ -67,7 +69,8 @@ def test_layer_benchmark_counts_the_matmuls_each_case_executes(monkeypatch):
     assert gflop("dense") * 1e9 == pytest.approx(3 * 2 * shape.tokens * i * o)
     dims = [*nearest_factors(o), *nearest_factors(i)]
     per_entry = 4 * sum(dims) - dims[0]
-    assert (gflop("camex_r1") - gflop("euclid")) * 1e9 == pytest.approx(2 * n * o * i * per_entry)
+    base_dot = 2 * shape.units * o * i
+    assert (gflop("camex_r1") - gflop("euclid")) * 1e9 == pytest.approx(2 * n * o * i * per_entry - base_dot)
     kept = gflop("euclid")
     monkeypatch.setattr(merge, "CPU_BLOCK_BYTES", 1)
     monkeypatch.setattr(merge, "CPU_KEEP_BYTES", 0)
