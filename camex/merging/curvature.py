@@ -102,10 +102,11 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
         gv, hv = g.view(n, pre, d, -1), h.view(n, pre, d, -1)
         if _batch_inner(n, d, gv.shape[-1]):  # every expert's per-row products at once
             post = gv.shape[-1]
-            partial = torch.bmm(gv.view(n * pre, d, post), hv.view(n * pre, d, post).transpose(1, 2))
+            partial = workspace.buffer("kron_partial", n * pre * d * d, g).view(n * pre, d, d)
+            torch.bmm(gv.view(n * pre, d, post), hv.view(n * pre, d, post).transpose(1, 2), out=partial)
             torch.sum(partial.view(n, pre, d, d), 1, out=out)
-        else:
-            partial = g.new_empty(pre, d, d)  # one expert's per-row products, reused across experts
+        else:  # one expert's per-row products, reused across experts
+            partial = workspace.buffer("kron_partial", pre * d * d, g).view(pre, d, d)
             for i in range(n):
                 torch.bmm(gv[i], hv[i].transpose(1, 2), out=partial)
                 torch.sum(partial, 0, out=out[i])
@@ -150,7 +151,9 @@ class _KroneckerSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, base: torch.Tensor | None, scale: float, *factors: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, base: torch.Tensor | None, scale: float, reuse_grad: bool, *factors: torch.Tensor
+    ) -> torch.Tensor:
         x = x.contiguous()
         n, rank, order = x.shape[0], factors[0].shape[0], _order(len(factors))
         chain = order[:-1]  # products before the final mode-0 one
@@ -167,7 +170,7 @@ class _KroneckerSum(torch.autograd.Function):
                 for j, k in enumerate(chain):
                     h = _mode_into(h, factors[k][rho, e], k, ws[j % 2])
                 _mode_into(h, factors[0][rho, e], 0, outs, alpha=scale, accumulate=rho > 0)
-        ctx.scale = scale
+        ctx.scale, ctx.reuse_grad = scale, reuse_grad
         ctx.save_for_backward(x, base, *factors)
         return out
 
@@ -175,20 +178,24 @@ class _KroneckerSum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, base, *factors = ctx.saved_tensors
-        need_x, need_base, _, *need_f = ctx.needs_input_grad
+        need_x, need_base, _, _, *need_f = ctx.needs_input_grad
         n, m, rank, scale = x.shape[0], len(factors), factors[0].shape[0], ctx.scale
         order = _order(m)  # step j applied mode order[j] to inputs[j]
         grad_f = [torch.empty_like(f) if need else None for f, need in zip(factors, need_f)]
         steps = [j for j in range(m) if need_f[order[j]]]
         need_tau = need_x or need_base
         if not steps and not need_tau:
-            return (None, None, None, *grad_f)
+            return (None, None, None, None, *grad_f)
         lowest = 0 if need_tau else min(steps)  # the gradient must flow back down to this step
         top = max(steps, default=0)  # the highest step whose input partial is needed
         grad = grad.contiguous()
         size = expert_block(x)
-        # ∂τ goes to ∂x directly; where only the base needs it, into a block buffer
-        grad_x = torch.empty_like(x) if need_x else None
+        # ∂τ goes to ∂x directly (over the incoming gradient where the caller allows it: each
+        # block's gradient is then copied aside first if r > 1 terms read it); where only the
+        # base needs it, into a block buffer
+        reuse = need_x and ctx.reuse_grad and not workspace.graph_is_kept()
+        grad_x = grad if reuse else torch.empty_like(x) if need_x else None
+        grads = _work("kron_grad", size, x) if reuse and rank > 1 else None
         grad_tau = None if need_x or not need_base else _work("kron_gtau", size, x)
         grad_base = torch.zeros_like(base) if need_base else None
         work = [_work(f"kron{j}", size, x) for j in range(m - 1)]
@@ -198,11 +205,12 @@ class _KroneckerSum(torch.autograd.Function):
             ws = [w[:nb] for w in work]
             xs = x[e] if taus is None else torch.sub(x[e], base, out=taus[:nb])
             gx = None if not need_tau else (grad_x[e] if grad_x is not None else grad_tau[:nb])
+            block_grad = grad[e] if grads is None else grads[:nb].copy_(grad[e])
             for rho in range(rank):
                 inputs = [xs]  # inputs[j] is what step j received; inputs[j] lives in ws[j - 1]
                 for j in range(top):
                     inputs.append(_mode_into(inputs[j], factors[order[j]][rho, e], order[j], ws[j]))
-                g, alpha = grad[e], scale
+                g, alpha = block_grad, scale
                 for j in reversed(range(lowest, m)):
                     k = order[j]
                     if grad_f[k] is not None:
@@ -216,7 +224,7 @@ class _KroneckerSum(torch.autograd.Function):
             if need_base:  # τ_i = x_i − base
                 for i in range(nb):
                     grad_base.sub_(gx[i])
-        return (grad_x, grad_base, None, *grad_f)
+        return (grad_x, grad_base, None, None, *grad_f)
 
 
 def _work(name: str, size: int, x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +233,12 @@ def _work(name: str, size: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def kronecker_apply(
-    tau: torch.Tensor, factors: Sequence[torch.Tensor], *, scale: float = 1.0, base: torch.Tensor | None = None
+    tau: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    *,
+    scale: float = 1.0,
+    base: torch.Tensor | None = None,
+    reuse_grad: bool = False,
 ) -> torch.Tensor:
     """Apply `scale · M_i` to each of `tau` `[n, O, I]` (or a bias `[n, O]`).
 
@@ -234,6 +247,8 @@ def kronecker_apply(
     `scale` is applied inside the last GEMM of each pass, at no cost. With `base` (`[O, I]`),
     `tau` holds the experts and `M_i` is applied to `tau_i − base` (the same result as
     `kronecker_apply(domain_vectors(tau, base), ...)`), on the CPU without forming the differences.
+    `reuse_grad=True`: the gradient reaching the result belongs to the caller alone (it is a
+    temporary, no hook or other consumer keeps it), so the backward pass writes `∂tau` over it.
     """
     dims = [f.shape[-1] for f in factors]
     n = tau.shape[0]
@@ -248,7 +263,8 @@ def kronecker_apply(
         elif fused_kernel(x, factors):
             out = kronecker_triton(x, factors, scale=scale).to(x.dtype)
         else:
-            out = _KroneckerSum.apply(x, None if base is None else base.reshape(dims), scale, *factors)
+            base = None if base is None else base.reshape(dims)
+            out = _KroneckerSum.apply(x, base, scale, reuse_grad, *factors)
     return out.reshape(tau.shape)
 
 

@@ -38,15 +38,6 @@ def merge_flat(
     return flat.view(units, *base.shape)
 
 
-def _graph_is_kept() -> bool:
-    """Whether the running backward pass keeps the graph for another one (unknown: assume so)."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    try:
-        return True if probe is None else bool(probe())
-    except RuntimeError:
-        return True
-
-
 # On CPU the merged weights are built for a tile of output rows at a time, for every unit: a
 # tile's weights, its slice of the deltas and its gradients (`units + n` rows of `I` entries each)
 # take at most this much, so they stay in the last-level cache through the tile's matmuls and the
@@ -95,7 +86,7 @@ class _MergedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, base, deltas, scores, alpha, base_bias, delta_bias, around):
+    def forward(ctx, x, base, deltas, scores, alpha, base_bias, delta_bias, around, reuse):
         with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen here
             units, n = scores.shape
             rows, keep = row_tile(base, units, n), keeps_weights(base, units)
@@ -109,7 +100,7 @@ class _MergedLinear(torch.autograd.Function):
             for r in _blocks(base.shape[0], rows):
                 w = _merge_rows(weights, merged, base, deltas, scores, alpha, r, kept=keep, around=around)
                 _apply(x, w, None if bias is None else bias[:, r], out=y[..., r])
-        ctx.alpha, ctx.rows, ctx.around = alpha, rows, around
+        ctx.alpha, ctx.rows, ctx.around, ctx.reuse = alpha, rows, around, reuse
         ctx.save_for_backward(x, base, deltas, scores, weights if keep else None, delta_bias)
         return y
 
@@ -119,21 +110,24 @@ class _MergedLinear(torch.autograd.Function):
         x, base, deltas, scores, weight, delta_bias = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             grads = _MergedLinear._backward(ctx, grad.to(x.dtype), x, base, deltas, scores, weight, delta_bias)
-        return (*grads, None)
+        return (*grads, None, None)
 
     @staticmethod
     def _backward(ctx, grad, x, base, deltas, scores, weight, delta_bias):
-        need_x, need_base, need_deltas, need_scores, _, need_bias, need_dbias, _ = ctx.needs_input_grad
+        need_x, need_base, need_deltas, need_scores, _, need_bias, need_dbias, *_ = ctx.needs_input_grad
         alpha, rows, around = ctx.alpha, ctx.rows, ctx.around
         units, n = scores.shape
         grad = grad.contiguous()
         grad_x = torch.empty_like(x) if need_x else None
         grad_base = torch.empty_like(base) if need_base else None
-        grad_deltas = torch.empty_like(deltas) if need_deltas else None
+        grad_deltas = None
+        if need_deltas:  # written tile by tile after the tile's last read of the deltas
+            reuse = ctx.reuse and deltas.is_contiguous() and not workspace.graph_is_kept()
+            grad_deltas = deltas.detach() if reuse else torch.empty_like(deltas)
         grad_scores = scores.new_zeros(units, n) if need_scores else None
         need_w = need_base or need_deltas or need_scores
         scratch = None  # where ∂Ŵ of a tile goes, unless it can overwrite the kept weights
-        if weight is None or (need_w and _graph_is_kept()):
+        if weight is None or (need_w and workspace.graph_is_kept()):
             scratch = workspace.buffer("merge_tile", units * rows * base.shape[1], x)
         merged = _merge_buffer(x, base, units, rows) if weight is None or need_w else None
         scaled = scores.t() * alpha  # [n, units]
@@ -159,12 +153,12 @@ class _MergedLinear(torch.autograd.Function):
                 torch.mm(base_coef, gw, out=grad_base[r].view(1, -1))
             elif need_base:
                 torch.sum(gw, 0, out=grad_base[r].view(-1))
-            if need_deltas:
-                torch.mm(scaled, gw, out=grad_deltas[:, r].view(n, -1))
             if need_scores:
                 torch.addmm(grad_scores, gw, deltas[:, r].reshape(n, -1).t(), out=grad_scores)
                 if around:
                     torch.addmv(base_dot, gw, base[r].reshape(-1), out=base_dot)
+            if need_deltas:  # last: it may overwrite these rows of the deltas
+                torch.mm(scaled, gw, out=grad_deltas[:, r].view(n, -1))
         if need_scores:
             if around:
                 grad_scores.sub_(base_dot.unsqueeze(1))
@@ -226,11 +220,15 @@ def merged_linear(
     delta_bias: torch.Tensor | None = None,
     *,
     around: bool = False,
+    reuse_deltas: bool = False,
 ) -> torch.Tensor:
     """Each routed unit's tokens through its merged weight: `y_u = x_u Ŵ_uᵀ (+ b̂_u)`.
 
     `around=True`: `deltas` (and `delta_bias`) hold the experts themselves and the merge is taken
     around the base, `Ŵ = base + α Σ_i s_i (E_i − base)`, without forming the domain vectors.
+    `reuse_deltas=True`: `deltas` is the caller's temporary, used nowhere else, so the backward
+    pass writes `∂deltas` over it instead of into a new `[n, O, I]` tensor (unless the graph is
+    kept for another backward pass).
 
     `x` is `[units, T, I]`, `base` `[O, I]`, `deltas` `[n, O, I]`, `scores` `[units, n]`; the bias
     pair is `[O]` and `[n, O]`. Same result as `merge_flat` followed by a batched matmul, with the
@@ -255,7 +253,7 @@ def merged_linear(
     if torch.compiler.is_compiling():
         return _plain(x, base, deltas, scores, alpha, base_bias, delta_bias, around)
     with torch.autocast(device, enabled=False):
-        return _MergedLinear.apply(x, base, deltas, scores, alpha, base_bias, delta_bias, around)
+        return _MergedLinear.apply(x, base, deltas, scores, alpha, base_bias, delta_bias, around, reuse_deltas)
 
 
 def _plain(x, base, deltas, scores, alpha, base_bias, delta_bias, around=False) -> torch.Tensor:

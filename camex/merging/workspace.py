@@ -36,3 +36,13 @@ def buffer(name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
 def release() -> None:
     """Drop this thread's buffers (their memory goes back to the allocator)."""
     _local.buffers = {}
+
+
+def graph_is_kept() -> bool:
+    """Whether the running backward pass keeps the graph for another one (unknown: assume so):
+    a pass may write a gradient over a saved tensor or an incoming gradient only where it is not."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    try:
+        return True if probe is None else bool(probe())
+    except RuntimeError:
+        return True
