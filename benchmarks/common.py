@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from camex.tracking import git_commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ENV_PREFIXES = ("OMP_", "MKL_", "MALLOC_", "THP_MEM_ALLOC")
 
 
 @dataclass
@@ -134,6 +135,9 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "commit": git_commit(),  # the code the figures were measured on
+        # threading and allocator settings change CPU timings (docs/gpu_path.md, "CPU threads")
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

@@ -99,6 +99,18 @@ def test_model_benchmark_smoke(tmp_path, one_thread):
             assert row["parameters"]["total"] > 0 and row["mfu"] is None  # no MFU on CPU without a peak
 
 
+def test_model_benchmark_times_a_bert_classifier_against_domain_merging(tmp_path, one_thread):
+    """The MiniLM family (tiny here): variants side by side, each step also as a ratio to the
+    Domain-specific (Euclidean) variant, the reference of issue 20's whole-model target."""
+    out = tmp_path / "model.json"
+    args = ["--models", "bert", "--variants", "dense", "domain", "camex", "--repeats", "1", "--warmup", "0"]
+    model_bench.main([*args, "--batch", "2", "--length", "16", "--experts", "2", "--out", str(out), *one_thread])
+    result = json.loads(out.read_text())["models"]["bert"]
+    assert not result["sequential"] and list(result["variants"]) == ["dense", "domain", "camex"]
+    rows = result["variants"]
+    assert rows["domain"]["x_domain_time"] == 1.0 and _positive(rows["camex"]["x_domain_time"])
+
+
 @pytest.mark.parametrize("shape", ["t5", "gpt2"])
 @pytest.mark.parametrize("rank", [1, 3])
 def test_released_reference_computes_the_same_layer(shape, rank):
