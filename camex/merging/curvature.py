@@ -73,6 +73,7 @@ def _mode_into(
         fs = f.unsqueeze(1).expand(n, pre, d, d).reshape(n * pre, d, d)
         torch.bmm(fs, xv.view(n * pre, d, -1), out=ov.view(n * pre, d, -1))
         return out
+    f = f.contiguous()  # a transposed factor (backward) broadcast over rows would be copied pre times
     for i in range(n):
         torch.bmm(f[i].expand(pre, d, d), xv[i], out=ov[i])
     return out
