@@ -33,6 +33,8 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     Case,
+    add_clock,
+    apply_clock,
     environment,
     markdown_table,
     pick_device,
@@ -266,10 +268,12 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, in TFLOP/s")
     p.add_argument("--threads", type=int, default=None)
+    add_clock(p)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    apply_clock(args)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     size = "base" if args.base else "tiny"

@@ -165,3 +165,21 @@ def test_gpu_check_summary_reads_what_the_benchmarks_write(tmp_path, one_thread)
     }
     assert summary["commit"] == tracking.git_commit()
     assert gpu_check_summary.main([str(tmp_path / "missing")]) == 2
+
+
+def test_cpu_clock_times_one_thread_and_refuses_several(tmp_path, one_thread, capsys):
+    """`--clock cpu` (process CPU time, blind to waiting for a shared core) is recorded with the
+    results; with several threads it would sum them, so it is refused in one line, exit status 2,
+    before anything is written."""
+    out = tmp_path / "layer.json"
+    args = ["--tiny", "--repeats", "1", "--shapes", "t5", "--cases", "dense", "euclid", "--no-memory"]
+    try:
+        data = layer_bench.main([*args, "--clock", "cpu", "--out", str(out), *one_thread])
+        assert data["settings"]["clock"] == "cpu" and _positive(data["shapes"]["t5"]["cases"]["euclid"]["median_ms"])
+        refused = tmp_path / "refused.json"
+        with pytest.raises(SystemExit) as exit_info:
+            layer_bench.main([*args, "--clock", "cpu", "--threads", "2", "--out", str(refused)])
+        assert exit_info.value.code == 2 and not refused.exists()
+        assert capsys.readouterr().err.strip().startswith("--clock cpu:")
+    finally:
+        common.set_clock("wall")
