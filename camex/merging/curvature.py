@@ -161,7 +161,7 @@ class _KroneckerSum(torch.autograd.Function):
         size = expert_block(x)
         work = [_work(f"kron{j}", size, x) for j in range(min(len(chain), 2))]
         taus = None if base is None else _work("kron_tau", size, x)
-        out = torch.empty_like(x)
+        out = workspace.empty_like(x)
         for e in _blocks(n, size):
             nb = e.stop - e.start
             xs = x[e] if taus is None else torch.sub(x[e], base, out=taus[:nb])
@@ -195,7 +195,7 @@ class _KroneckerSum(torch.autograd.Function):
         # block's gradient is then copied aside first if r > 1 terms read it); where only the
         # base needs it, into a block buffer
         reuse = need_x and ctx.reuse_grad and not workspace.graph_is_kept()
-        grad_x = grad if reuse else torch.empty_like(x) if need_x else None
+        grad_x = grad if reuse else workspace.empty_like(x) if need_x else None
         grads = _work("kron_grad", size, x) if reuse and rank > 1 else None
         grad_tau = None if need_x or not need_base else _work("kron_gtau", size, x)
         grad_base = torch.zeros_like(base) if need_base else None
