@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch._dynamo
 
@@ -13,7 +14,7 @@ from camex.merging.curvature import kronecker_traced
 from camex.moe import KroneckerCurvature, MergedExpertLinear, NoisyTopKGate, TiesMask, UnitRouter
 
 
-def _layer(n: int = 3, out: int = 6, inp: int = 10, rank: int = 2) -> MergedExpertLinear:
+def _layer(n: int = 3, out: int = 6, inp: int = 10, rank: int = 2, kind: str = "camex_ties") -> MergedExpertLinear:
     torch.manual_seed(0)
     layer = MergedExpertLinear(
         in_features=inp,
@@ -21,8 +22,10 @@ def _layer(n: int = 3, out: int = 6, inp: int = 10, rank: int = 2) -> MergedExpe
         num_experts=n,
         bias=True,
         router=UnitRouter(gate=NoisyTopKGate(in_features=inp, num_experts=n, top_k=2, noisy=False), unit="sequence"),
-        mask=TiesMask(),
-        curvature=KroneckerCurvature(num_experts=n, rank=rank, out_features=out, in_features=inp, bias=True),
+        mask=TiesMask() if kind == "camex_ties" else None,
+        curvature=None
+        if kind == "euclid"
+        else KroneckerCurvature(num_experts=n, rank=rank, out_features=out, in_features=inp, bias=True),
     )
     with torch.no_grad():  # experts and base start uninitialised (upcycling loads them); factors at the identity
         for name, p in layer.named_parameters():
@@ -43,15 +46,18 @@ def _steps(layer, run, xs) -> list[torch.Tensor]:
     return outs
 
 
-def test_merged_layer_compiles_fullgraph_without_recompiles(monkeypatch):
+@pytest.mark.parametrize("kind", ["camex_ties", "camex", "euclid"])
+def test_merged_layer_compiles_fullgraph_without_recompiles(monkeypatch, kind):
     """`aot_eager` traces forward and backward as the compiler would (inductor only generates code
     from the same graphs, and is too slow to build on a CPU test runner). Eager tiles of one row
     and curvature blocks of one expert, as a large layer has on the CPU: the Python tile loops
-    over changing slices are what must stay out of the graph."""
+    over changing slices are what must stay out of the graph. Without a mask the eager passes
+    take τ inside their tiles and blocks and reuse γ̃'s memory; compiled, the plain forms."""
     monkeypatch.setattr(merge, "CPU_BLOCK_BYTES", 1)
     monkeypatch.setattr(curvature, "CPU_BLOCK_BYTES", 1)
     torch._dynamo.reset()
-    layer = _layer()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counters of earlier compilations
+    layer = _layer(kind=kind)
     eager = copy.deepcopy(layer)
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(4, 5, 10, generator=g) for _ in range(3)]
