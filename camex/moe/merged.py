@@ -169,7 +169,8 @@ class MergedExpertLinear(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.chain is not None and self.chain_index == 0 and torch.is_grad_enabled():
-            self.chain.new_pass()
+            if not torch.compiler.is_compiling():  # a compiled chain rebuilds its links every pass
+                self.chain.new_pass()
         routing = take_routing(x, self.router, self.shared)
         scores = self.mask.scores(routing.scores, self.training)
         around, reuse = self._merges_experts(), self._owns_curved() and not self._cached()
