@@ -3,7 +3,10 @@
 Timing. Every case of a run is set up first, then warmed up, then measured in interleaved rounds
 (case 1, case 2, ..., case 1, case 2, ...), so slow drifts of a shared machine hit every case
 alike; each figure is the median over rounds, and ratios are medians of the same rounds. On CUDA
-each call is bracketed by `torch.cuda.synchronize()`.
+each call is bracketed by `torch.cuda.synchronize()`. `--clock cpu` times CPU cases by the
+process's CPU time (user + system, page faults included) instead of the wall clock: with one
+thread on a machine whose cores other jobs share, it leaves out the time spent waiting for a core,
+which the wall clock adds to whichever case happened to wait.
 
 Peak memory. On CUDA: `torch.cuda.max_memory_allocated()` during one call, minus what was
 allocated before it. On CPU PyTorch keeps no allocator statistics, so one extra (untimed) call
@@ -22,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +38,7 @@ import torch  # noqa: E402
 from camex.tracking import git_commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ENV_PREFIXES = ("OMP_", "MKL_", "MALLOC_", "THP_MEM_ALLOC")
 
 
 @dataclass
@@ -57,6 +62,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
+def set_clock(name: str) -> None:
+    """Time with the wall clock (`wall`) or the process's CPU time (`cpu`; CPU cases only)."""
+    global _clock
+    _clock = CLOCKS[name]
+
+
 def time_cases(cases: list[Case], device: torch.device, *, warmup: int, repeats: int) -> None:
     """Warm every case up, then time `repeats` interleaved rounds of all of them."""
     for case in cases:
@@ -66,10 +81,10 @@ def time_cases(cases: list[Case], device: torch.device, *, warmup: int, repeats:
     for _ in range(repeats):
         for case in cases:
             sync(device)
-            start = time.perf_counter()
+            start = _clock()
             case.run()
             sync(device)
-            case.times_ms.append((time.perf_counter() - start) * 1e3)
+            case.times_ms.append((_clock() - start) * 1e3)
 
 
 def peak_memory_mb(run: Callable[[], object], device: torch.device, attempts: int = 3) -> float:
@@ -134,6 +149,9 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "commit": git_commit(),  # the code the figures were measured on
+        # threading and allocator settings change CPU timings (docs/gpu_path.md, "CPU threads")
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -173,14 +191,28 @@ def shape_parser(description: str, *, shapes: list[str], cases: list[str], repea
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--tiny", action="store_true", help="toy shapes, for smoke tests")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    add_clock(p)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<benchmark>_<device>.json)")
     return p
+
+
+def add_clock(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clock", default="wall", choices=list(CLOCKS), help="cpu: process CPU time (1 thread, CPU)")
+
+
+def apply_clock(args: argparse.Namespace) -> None:
+    """Refuse `--clock cpu` where it does not measure the step (a GPU, several threads)."""
+    if args.clock == "cpu" and (args.device != "cpu" or (args.threads or torch.get_num_threads()) != 1):
+        sys.stderr.write("--clock cpu: only for --device cpu with one thread (--threads 1); allowed: wall, cpu\n")
+        raise SystemExit(2)
+    set_clock(args.clock)
 
 
 def run_shapes(benchmark: str, args: argparse.Namespace, *, shapes: dict, run_shape: Callable, table: Callable) -> dict:
     """Run `run_shape` for every shape asked for, print each table, and save the JSON."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    apply_clock(args)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     results = {
@@ -189,6 +221,7 @@ def run_shapes(benchmark: str, args: argparse.Namespace, *, shapes: dict, run_sh
         "settings": {
             "dtype": args.dtype,
             "autocast": getattr(args, "autocast", False),
+            "clock": args.clock,
             "warmup": args.warmup,
             "repeats": args.repeats,
             "tiny": args.tiny,

@@ -3,13 +3,16 @@
     python -m benchmarks.model                        # tiny T5 and GPT-2 configs, every variant
     python -m benchmarks.model --base --models gpt2   # GPT-2 (124M) shape, random init: slow on CPU
     python -m benchmarks.model --device cuda --base   # adds MFU
+    python -m benchmarks.model --models bert --base --variants dense domain camex   # MiniLM-L6 shape
 
 Models are built from `transformers` configs with random weights (no hub access) and upcycled with
 `camex.upcycle` (n = 7, r = 1 unless told). One step is forward, backward and an AdamW update on a
 fixed random batch. Tokens per step: encoder plus decoder positions for T5, sequence positions for
-GPT-2. Tiny configs are timed in interleaved rounds over all variants (see `benchmarks.common`);
-base-size models do not fit side by side, so each variant is built, timed and freed in turn
-(`--sequential`, the default with `--base`), dense first.
+GPT-2 and BERT. `bert` is a sequence classifier; its base size is MiniLM-L6's shape (the
+project's pretrained text model: 6 layers, width 384, FFN 1536), 16 sequences of 128 tokens, one
+routed unit per sequence. Tiny configs, and the MiniLM shape, are timed in interleaved rounds over
+all variants (see `benchmarks.common`); T5-base and GPT-2 (124M) do not fit side by side, so each
+variant is built, timed and freed in turn (`--sequential`, the default for them), dense first.
 
 FLOPs per token are counted on one extra training step (forward and backward, not the optimizer)
 with `torch.utils.flop_counter.FlopCounterMode`, which counts the matrix products the
@@ -30,6 +33,8 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     Case,
+    add_clock,
+    apply_clock,
     environment,
     markdown_table,
     pick_device,
@@ -62,13 +67,22 @@ SIZES = {
     ("t5", "base"): dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, vocab_size=32128),
     ("gpt2", "tiny"): dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256),
     ("gpt2", "base"): dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+    ("bert", "tiny"): dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=512
+    ),
+    ("bert", "base"): dict(
+        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522
+    ),
 }
+SIDE_BY_SIDE_BASE = {"bert"}  # base-size families small enough to time in interleaved rounds
 # batch, source length (T5) or sequence length (GPT-2), target length (T5), segment length (GPT-2)
 BATCHES = {
     ("t5", "tiny"): dict(batch=8, length=64, target=16),
     ("t5", "base"): dict(batch=16, length=128, target=32),
     ("gpt2", "tiny"): dict(batch=4, length=128, segment=32),
     ("gpt2", "base"): dict(batch=4, length=1024, segment=256),
+    ("bert", "tiny"): dict(batch=8, length=64),
+    ("bert", "base"): dict(batch=16, length=128),
 }
 
 
@@ -81,6 +95,9 @@ def build_model(family: str, size: str) -> torch.nn.Module:
             **cfg, num_decoder_layers=cfg["num_layers"], dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0
         )
         return transformers.T5ForConditionalGeneration(config)
+    if family == "bert":
+        config = transformers.BertConfig(**cfg, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+        return transformers.BertForSequenceClassification(config)
     config = transformers.GPT2Config(
         **cfg, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0
     )
@@ -96,6 +113,10 @@ def make_batch(family: str, size: str, device: torch.device, overrides: dict) ->
         labels = torch.randint(2, vocab, (spec["batch"], spec["target"]), generator=g)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
         tokens = ids.numel() + labels.numel()
+    elif family == "bert":
+        labels = torch.randint(0, 3, (spec["batch"],), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        tokens = ids.numel()
     else:
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         tokens = ids.numel()
@@ -151,7 +172,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None)
 def run_family(family: str, size: str, variants: list[str], device, dtype, args, overrides) -> dict:
     batch, tokens = make_batch(family, size, device, overrides)
     peak = peak_flops(device, dtype, args.peak_tflops)
-    sequential = args.sequential or size == "base"
+    sequential = args.sequential or (size == "base" and family not in SIDE_BY_SIDE_BASE)
     rows: dict[str, dict] = {}
     cases: list[Case] = []
 
@@ -176,19 +197,24 @@ def run_family(family: str, size: str, variants: list[str], device, dtype, args,
         cases = [prepare(v) for v in variants]
         time_cases(cases, device, warmup=args.warmup, repeats=args.repeats)
     sync(device)
-    dense = next((c for c in cases if c.name == "dense"), None)
-    for c in cases:
+    by = {c.name: c for c in cases}
+
+    def relative(c: Case, ref: str) -> float | None:
+        if ref not in by:
+            return None
         if sequential:  # different periods: the best one can do is a ratio of medians
-            per_round = None if dense is None else c.median_ms / dense.median_ms
-        else:
-            per_round = round_ratio(c, dense)
+            return c.median_ms / by[ref].median_ms
+        return round_ratio(c, by[ref])
+
+    for c in cases:
         flops_per_step = c.info["flops"]
         rows[c.name] = {
             "median_ms": c.median_ms,
             "times_ms": c.times_ms,
             "tokens_per_step": tokens,
             "tokens_per_s": tokens / (c.median_ms / 1e3),
-            "x_dense_time": per_round,
+            "x_dense_time": relative(c, "dense"),
+            "x_domain_time": relative(c, "domain"),  # issue 20's target: camex <= 1.2x domain
             "counted_flops_per_token": flops_per_step / tokens,
             "mfu": None if peak is None else flops_per_step / (c.median_ms / 1e3) / peak,
             "parameters": c.info["parameters"],
@@ -215,13 +241,14 @@ def table(result: dict) -> str:
             r["median_ms"],
             r["tokens_per_s"],
             r["x_dense_time"],
+            r.get("x_domain_time"),
             r["counted_flops_per_token"] / 1e6,
             None if r["mfu"] is None else 100 * r["mfu"],
             r["parameters"]["total"] / 1e6,
         ]
         for name, r in result["variants"].items()
     ]
-    headers = ["variant", "step ms", "tokens/s", "× dense time", "MFLOP/token", "MFU %", "params (M)"]
+    headers = ["variant", "step ms", "tokens/s", "× dense time", "× domain time", "MFLOP/token", "MFU %", "params (M)"]
     return title + "\n\n" + markdown_table(headers, rows)
 
 
@@ -229,9 +256,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--models", nargs="+", default=["t5", "gpt2"], choices=["t5", "gpt2"])
+    p.add_argument("--models", nargs="+", default=["t5", "gpt2"], choices=["t5", "gpt2", "bert"])
     p.add_argument("--variants", nargs="+", default=list_variants(), choices=list_variants())
-    p.add_argument("--base", action="store_true", help="T5-base / GPT-2 (124M) sizes instead of tiny ones")
+    p.add_argument("--base", action="store_true", help="T5-base / GPT-2 (124M) / MiniLM-L6 sizes, not tiny")
     p.add_argument("--sequential", action="store_true", help="time variants one after another")
     p.add_argument("--experts", type=int, default=7)
     p.add_argument("--rank", type=int, default=1)
@@ -241,10 +268,12 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, in TFLOP/s")
     p.add_argument("--threads", type=int, default=None)
+    add_clock(p)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    apply_clock(args)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     size = "base" if args.base else "tiny"

@@ -56,7 +56,9 @@ def test_layer_benchmark_counts_the_matmuls_each_case_executes(monkeypatch):
     at r = 1, which per entry and expert runs every mode forward, every mode again for ∂τ and for
     the factor gradients, and recomputes all partial products but the last; and the merged
     linear in tiles of one row that does not keep its weights, which rebuilds them in its backward
-    pass and otherwise does the same products (every one of them counted)."""
+    pass and otherwise does the same products (every one of them counted). Euclidean merging
+    takes `τ = E − E_m` inside the merged linear's tiles, so its score gradient adds one
+    `⟨∂Ŵ_u, E_m⟩` product per unit that CAMEx (merging curved domain vectors) does not run."""
     shape = layer_bench.TINY["t5"]
     x, grad_y = layer_bench.make_inputs(shape, torch.device("cpu"), torch.float32, grad=True)
 
@@ -67,7 +69,8 @@ def test_layer_benchmark_counts_the_matmuls_each_case_executes(monkeypatch):
     assert gflop("dense") * 1e9 == pytest.approx(3 * 2 * shape.tokens * i * o)
     dims = [*nearest_factors(o), *nearest_factors(i)]
     per_entry = 4 * sum(dims) - dims[0]
-    assert (gflop("camex_r1") - gflop("euclid")) * 1e9 == pytest.approx(2 * n * o * i * per_entry)
+    base_dot = 2 * shape.units * o * i
+    assert (gflop("camex_r1") - gflop("euclid")) * 1e9 == pytest.approx(2 * n * o * i * per_entry - base_dot)
     kept = gflop("euclid")
     monkeypatch.setattr(merge, "CPU_BLOCK_BYTES", 1)
     monkeypatch.setattr(merge, "CPU_KEEP_BYTES", 0)
@@ -94,6 +97,18 @@ def test_model_benchmark_smoke(tmp_path, one_thread):
         for name, row in result["variants"].items():
             assert _positive(row["tokens_per_s"]) and _positive(row["counted_flops_per_token"]), name
             assert row["parameters"]["total"] > 0 and row["mfu"] is None  # no MFU on CPU without a peak
+
+
+def test_model_benchmark_times_a_bert_classifier_against_domain_merging(tmp_path, one_thread):
+    """The MiniLM family (tiny here): variants side by side, each step also as a ratio to the
+    Domain-specific (Euclidean) variant, the reference of issue 20's whole-model target."""
+    out = tmp_path / "model.json"
+    args = ["--models", "bert", "--variants", "dense", "domain", "camex", "--repeats", "1", "--warmup", "0"]
+    model_bench.main([*args, "--batch", "2", "--length", "16", "--experts", "2", "--out", str(out), *one_thread])
+    result = json.loads(out.read_text())["models"]["bert"]
+    assert not result["sequential"] and list(result["variants"]) == ["dense", "domain", "camex"]
+    rows = result["variants"]
+    assert rows["domain"]["x_domain_time"] == 1.0 and _positive(rows["camex"]["x_domain_time"])
 
 
 @pytest.mark.parametrize("shape", ["t5", "gpt2"])
@@ -150,3 +165,21 @@ def test_gpu_check_summary_reads_what_the_benchmarks_write(tmp_path, one_thread)
     }
     assert summary["commit"] == tracking.git_commit()
     assert gpu_check_summary.main([str(tmp_path / "missing")]) == 2
+
+
+def test_cpu_clock_times_one_thread_and_refuses_several(tmp_path, one_thread, capsys):
+    """`--clock cpu` (process CPU time, blind to waiting for a shared core) is recorded with the
+    results; with several threads it would sum them, so it is refused in one line, exit status 2,
+    before anything is written."""
+    out = tmp_path / "layer.json"
+    args = ["--tiny", "--repeats", "1", "--shapes", "t5", "--cases", "dense", "euclid", "--no-memory"]
+    try:
+        data = layer_bench.main([*args, "--clock", "cpu", "--out", str(out), *one_thread])
+        assert data["settings"]["clock"] == "cpu" and _positive(data["shapes"]["t5"]["cases"]["euclid"]["median_ms"])
+        refused = tmp_path / "refused.json"
+        with pytest.raises(SystemExit) as exit_info:
+            layer_bench.main([*args, "--clock", "cpu", "--threads", "2", "--out", str(refused)])
+        assert exit_info.value.code == 2 and not refused.exists()
+        assert capsys.readouterr().err.strip().startswith("--clock cpu:")
+    finally:
+        common.set_clock("wall")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch._dynamo
 
@@ -13,7 +14,7 @@ from camex.merging.curvature import kronecker_traced
 from camex.moe import KroneckerCurvature, MergedExpertLinear, NoisyTopKGate, TiesMask, UnitRouter
 
 
-def _layer(n: int = 3, out: int = 6, inp: int = 10, rank: int = 2) -> MergedExpertLinear:
+def _layer(n: int = 3, out: int = 6, inp: int = 10, rank: int = 2, kind: str = "camex_ties") -> MergedExpertLinear:
     torch.manual_seed(0)
     layer = MergedExpertLinear(
         in_features=inp,
@@ -21,8 +22,10 @@ def _layer(n: int = 3, out: int = 6, inp: int = 10, rank: int = 2) -> MergedExpe
         num_experts=n,
         bias=True,
         router=UnitRouter(gate=NoisyTopKGate(in_features=inp, num_experts=n, top_k=2, noisy=False), unit="sequence"),
-        mask=TiesMask(),
-        curvature=KroneckerCurvature(num_experts=n, rank=rank, out_features=out, in_features=inp, bias=True),
+        mask=TiesMask() if kind == "camex_ties" else None,
+        curvature=None
+        if kind == "euclid"
+        else KroneckerCurvature(num_experts=n, rank=rank, out_features=out, in_features=inp, bias=True),
     )
     with torch.no_grad():  # experts and base start uninitialised (upcycling loads them); factors at the identity
         for name, p in layer.named_parameters():
@@ -43,15 +46,18 @@ def _steps(layer, run, xs) -> list[torch.Tensor]:
     return outs
 
 
-def test_merged_layer_compiles_fullgraph_without_recompiles(monkeypatch):
+@pytest.mark.parametrize("kind", ["camex_ties", "camex", "euclid"])
+def test_merged_layer_compiles_fullgraph_without_recompiles(monkeypatch, kind):
     """`aot_eager` traces forward and backward as the compiler would (inductor only generates code
     from the same graphs, and is too slow to build on a CPU test runner). Eager tiles of one row
     and curvature blocks of one expert, as a large layer has on the CPU: the Python tile loops
-    over changing slices are what must stay out of the graph."""
+    over changing slices are what must stay out of the graph. Without a mask the eager passes
+    take τ inside their tiles and blocks and reuse γ̃'s memory; compiled, the plain forms."""
     monkeypatch.setattr(merge, "CPU_BLOCK_BYTES", 1)
     monkeypatch.setattr(curvature, "CPU_BLOCK_BYTES", 1)
     torch._dynamo.reset()
-    layer = _layer()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counters of earlier compilations
+    layer = _layer(kind=kind)
     eager = copy.deepcopy(layer)
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(4, 5, 10, generator=g) for _ in range(3)]
@@ -90,3 +96,59 @@ def test_traced_curvature_matches_the_hand_written_passes():
         torch.autograd.grad((got * w).sum(), [tau, *factors]), torch.autograd.grad((want * w).sum(), [tau, *factors])
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_ep_chain_compiles_fullgraph_without_recompiles():
+    """EP-CAMEx: three layers of one shape chained through one base expert (the later layers store
+    none) compile into one graph for a fixed shape, train three steps without recompiling and
+    match eager, which memoises the chain's links per pass."""
+    from torch import nn
+
+    from camex.moe.chain import ExpertChain
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    n, d = 3, 6
+    layers = [
+        MergedExpertLinear(
+            in_features=d,
+            out_features=d,
+            num_experts=n,
+            bias=True,
+            router=UnitRouter(gate=NoisyTopKGate(in_features=d, num_experts=n, top_k=2, noisy=False), unit="sequence"),
+            curvature=KroneckerCurvature(num_experts=n, rank=2, out_features=d, in_features=d, bias=True),
+            store_base=i == 0,
+        )
+        for i in range(3)
+    ]
+    with torch.no_grad():
+        for layer in layers:
+            for name, p in layer.named_parameters():
+                p.copy_(p + torch.randn_like(p) * 0.1 if "factors" in name else torch.randn_like(p) * 0.3)
+    ExpertChain(layers, beta=0.5)
+    model = nn.Sequential(layers[0], nn.Tanh(), layers[1], nn.Tanh(), layers[2])
+    eager = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 5, d, generator=g) for _ in range(3)]
+
+    def steps(net, run):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        outs = []
+        for x in xs:
+            y = run(x)
+            for m in net.modules():
+                if isinstance(m, NoisyTopKGate):
+                    m.pop_aux()
+            y.square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            outs.append(y.detach())
+        return outs
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = steps(model, compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(got, steps(eager, eager)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -173,3 +173,81 @@ def test_eval_cache_switch():
         torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
         layer(x)
         assert len(calls) == 3
+
+
+@pytest.mark.parametrize("needs", ["all", "base-only", "factors-only"])
+@pytest.mark.parametrize("dims", [(2, 3, 3, 2), (3, 2)], ids=["weight", "bias"])
+def test_kronecker_sum_around_a_base_matches_it_on_domain_vectors(dims, needs, blocks):
+    """`kronecker_apply(E, f, base=E_m)` takes `τ = E − E_m` inside its passes: the same values and
+    gradients (experts, base, factors) as on `domain_vectors(E, E_m)`, for any subset needed."""
+    n, rank = 3, 2
+    shape = (n, dims[0] * dims[1]) if len(dims) == 2 else (n, dims[0] * dims[1], dims[2] * dims[3])
+    experts = _rand(*shape, seed=1, grad=needs == "all")
+    base = _rand(*shape[1:], seed=2, grad=needs != "factors-only")
+    factors = [_rand(rank, n, d, d, seed=3 + k, grad=needs != "base-only") for k, d in enumerate(dims)]
+    weight = _rand(*shape, seed=9)
+    leaves = [t for t in (experts, base, *factors) if t.requires_grad]
+
+    got = kronecker_apply(experts, factors, scale=0.7, base=base)
+    want = kronecker_apply(domain_vectors(experts, base), factors, scale=0.7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for a, b in zip(
+        torch.autograd.grad((got * weight).sum(), leaves), torch.autograd.grad((want * weight).sum(), leaves)
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_merged_linear_around_the_base_matches_it_on_domain_vectors(bias, alpha, blocks):
+    """`around=True` takes experts and forms `τ = E − base` inside the tiles: the same output and
+    gradients (tokens, base, experts, scores, biases) as the merge of explicit domain vectors."""
+    units, t, n, o, i = 3, 4, 5, 6, 7
+    x, base = _rand(units, t, i, seed=1, grad=True), _rand(o, i, seed=2, grad=True)
+    experts = _rand(n, o, i, seed=3, grad=True)
+    scores = torch.softmax(_rand(units, n, seed=4), -1).requires_grad_(True)
+    biases = [_rand(o, seed=5, grad=True), _rand(n, o, seed=6, grad=True)] if bias else [None, None]
+    upstream = _rand(units, t, o, seed=8)
+    got = merged_linear(x, base, experts, scores, alpha, *biases, around=True)
+    delta_bias = None if not bias else domain_vectors(biases[1], biases[0])
+    want = _explicit_merged_linear(x, base, domain_vectors(experts, base), scores, alpha, biases[0], delta_bias)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    inputs = [a for a in (x, base, experts, scores, *biases) if a is not None]
+    for a, b in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda *a: merged_linear(*a[:4], 0.8, *a[4:], around=True), tuple(inputs))
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_curvature_then_merge_reuse_one_allocation_for_three_tensors(rank, blocks):
+    """`reuse_deltas` and `reuse_grad` chain as in a CAMEx layer: the merged linear writes `∂γ̃`
+    over `γ̃`, the curvature writes `∂E` over `∂γ̃` (the expert gradient lives in `γ̃`'s memory),
+    with the same values and gradients as without reuse; with the graph kept for a second
+    backward pass nothing is overwritten and both passes agree."""
+    units, t, n, o, i, dims = 3, 4, 3, 6, 4, (2, 3, 2, 2)
+    x, base = _rand(units, t, i, seed=1, grad=True), _rand(o, i, seed=2, grad=True)
+    experts = _rand(n, o, i, seed=3, grad=True)
+    scores = torch.softmax(_rand(units, n, seed=4), -1).requires_grad_(True)
+    factors = [_rand(rank, n, d, d, seed=5 + k, grad=True) for k, d in enumerate(dims)]
+    upstream = _rand(units, t, o, seed=9)
+    leaves = [x, base, experts, scores, *factors]
+
+    def run(reuse: bool):
+        curved = kronecker_apply(experts, factors, base=base, reuse_grad=reuse)
+        return curved, merged_linear(x, base, curved, scores, 0.8, reuse_deltas=reuse)
+
+    _, want = run(False)
+    g_want = torch.autograd.grad(want, leaves, upstream)
+    curved, got = run(True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    g_got = torch.autograd.grad(got, leaves, upstream)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert g_got[2].data_ptr() == curved.data_ptr()  # ∂E written over γ̃
+    curved, kept = run(True)
+    first = torch.autograd.grad(kept, leaves, upstream, retain_graph=True)
+    second = torch.autograd.grad(kept, leaves, upstream)
+    assert first[2].data_ptr() != curved.data_ptr()
+    for a, b, c in zip(first, second, g_want):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+        torch.testing.assert_close(b, c, rtol=0, atol=1e-12)

@@ -29,7 +29,7 @@ CHECK = textwrap.dedent(
         x = torch.randn(n, *dims, generator=g).to(device).requires_grad_()
         fs = [(torch.eye(d) + 0.3 * torch.randn(r, n, d, d, generator=g)).to(device).requires_grad_() for d in dims]
         got = k.kronecker_triton(x, fs, scale=0.7)
-        want = _KroneckerSum.apply(x, 0.7, *fs)
+        want = _KroneckerSum.apply(x, None, 0.7, False, *fs)
         w = torch.randn(want.shape, generator=g).to(device)
         g_got = torch.autograd.grad((got * w).sum(), [x, *fs])
         g_want = torch.autograd.grad((want * w).sum(), [x, *fs])

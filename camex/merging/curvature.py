@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from camex.kernels import kronecker as kernels
 from camex.kernels.kronecker import kronecker_triton
+from camex.merging import workspace
 
 
 def nearest_factors(d: int) -> tuple[int, int]:
@@ -72,6 +73,7 @@ def _mode_into(
         fs = f.unsqueeze(1).expand(n, pre, d, d).reshape(n * pre, d, d)
         torch.bmm(fs, xv.view(n * pre, d, -1), out=ov.view(n * pre, d, -1))
         return out
+    f = f.contiguous()  # a transposed factor (backward) broadcast over rows would be copied pre times
     for i in range(n):
         torch.bmm(f[i].expand(pre, d, d), xv[i], out=ov[i])
     return out
@@ -101,10 +103,11 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
         gv, hv = g.view(n, pre, d, -1), h.view(n, pre, d, -1)
         if _batch_inner(n, d, gv.shape[-1]):  # every expert's per-row products at once
             post = gv.shape[-1]
-            partial = torch.bmm(gv.view(n * pre, d, post), hv.view(n * pre, d, post).transpose(1, 2))
+            partial = workspace.buffer("kron_partial", n * pre * d * d, g).view(n * pre, d, d)
+            torch.bmm(gv.view(n * pre, d, post), hv.view(n * pre, d, post).transpose(1, 2), out=partial)
             torch.sum(partial.view(n, pre, d, d), 1, out=out)
-        else:
-            partial = g.new_empty(pre, d, d)  # one expert's per-row products, reused across experts
+        else:  # one expert's per-row products, reused across experts
+            partial = workspace.buffer("kron_partial", pre * d * d, g).view(pre, d, d)
             for i in range(n):
                 torch.bmm(gv[i], hv[i].transpose(1, 2), out=partial)
                 torch.sum(partial, 0, out=out[i])
@@ -132,60 +135,83 @@ def _blocks(n: int, size: int):
 
 
 class _KroneckerSum(torch.autograd.Function):
-    """`scale · Σ_ρ f_ρ,0 ×_0 (... (f_ρ,m-1 ×_{m-1} x))` with hand-written, allocation-lean passes.
+    """`scale · Σ_ρ f_ρ,0 ×_0 (... (f_ρ,m-1 ×_{m-1} τ))` with hand-written, allocation-lean passes.
+
+    `τ = x`, or `τ_i = x_i − base` where a base is given: the difference is then taken block by
+    block inside the passes (and `∂base = −Σ_i ∂τ_i` reduced there), so no τ-sized tensor of
+    domain vectors is formed, written and page-faulted, and no extra pass over it runs.
 
     Experts are independent, so both passes walk blocks of experts (`expert_block`) through a
-    few block-sized work buffers; only the output (forward) and `∂τ` (backward) are τ-sized.
-    Forward, per term: a chain of mode products ping-pongs between two work buffers and the last
-    one accumulates into the output inside the GEMM. Backward, per term: recompute the partial
-    products `h_j` (m - 1 buffers), then walk the modes back, contracting the running gradient
-    with `h_j` for each factor gradient and overwriting the buffer of the partial just consumed
-    with the next running gradient: `3m - 1` mode products and `m` contractions per term.
+    few block-sized work buffers reused across calls (`workspace`); only the output (forward) and
+    `∂x` (backward) are τ-sized. Forward, per term: a chain of mode products ping-pongs between
+    two work buffers and the last one accumulates into the output inside the GEMM. Backward, per
+    term: recompute the partial products `h_j` (m - 1 buffers), then walk the modes back,
+    contracting the running gradient with `h_j` for each factor gradient and overwriting the
+    buffer of the partial just consumed with the next running gradient: `3m - 1` mode products
+    and `m` contractions per term.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float, *factors: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, base: torch.Tensor | None, scale: float, reuse_grad: bool, *factors: torch.Tensor
+    ) -> torch.Tensor:
         x = x.contiguous()
         n, rank, order = x.shape[0], factors[0].shape[0], _order(len(factors))
         chain = order[:-1]  # products before the final mode-0 one
         size = expert_block(x)
-        work = [x.new_empty((size, *x.shape[1:])) for _ in range(min(len(chain), 2))]
-        out = torch.empty_like(x)
+        work = [_work(f"kron{j}", size, x) for j in range(min(len(chain), 2))]
+        taus = None if base is None else _work("kron_tau", size, x)
+        out = workspace.empty_like(x)
         for e in _blocks(n, size):
-            xs, outs, ws = x[e], out[e], [w[: e.stop - e.start] for w in work]
+            nb = e.stop - e.start
+            xs = x[e] if taus is None else torch.sub(x[e], base, out=taus[:nb])
+            outs, ws = out[e], [w[:nb] for w in work]
             for rho in range(rank):
                 h = xs
                 for j, k in enumerate(chain):
                     h = _mode_into(h, factors[k][rho, e], k, ws[j % 2])
                 _mode_into(h, factors[0][rho, e], 0, outs, alpha=scale, accumulate=rho > 0)
-        ctx.scale = scale
-        ctx.save_for_backward(x, *factors)
+        ctx.scale, ctx.reuse_grad = scale, reuse_grad
+        ctx.save_for_backward(x, base, *factors)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, *factors = ctx.saved_tensors
-        need_x, _, *need_f = ctx.needs_input_grad
+        x, base, *factors = ctx.saved_tensors
+        need_x, need_base, _, _, *need_f = ctx.needs_input_grad
         n, m, rank, scale = x.shape[0], len(factors), factors[0].shape[0], ctx.scale
         order = _order(m)  # step j applied mode order[j] to inputs[j]
         grad_f = [torch.empty_like(f) if need else None for f, need in zip(factors, need_f)]
         steps = [j for j in range(m) if need_f[order[j]]]
-        if not steps and not need_x:
-            return (None, None, *grad_f)
-        lowest = 0 if need_x else min(steps)  # the gradient must flow back down to this step
+        need_tau = need_x or need_base
+        if not steps and not need_tau:
+            return (None, None, None, None, *grad_f)
+        lowest = 0 if need_tau else min(steps)  # the gradient must flow back down to this step
         top = max(steps, default=0)  # the highest step whose input partial is needed
         grad = grad.contiguous()
-        grad_x = torch.empty_like(x) if need_x else None
         size = expert_block(x)
-        work = [x.new_empty((size, *x.shape[1:])) for _ in range(m - 1)]
+        # ∂τ goes to ∂x directly (over the incoming gradient where the caller allows it: each
+        # block's gradient is then copied aside first if r > 1 terms read it); where only the
+        # base needs it, into a block buffer
+        reuse = need_x and ctx.reuse_grad and not workspace.graph_is_kept()
+        grad_x = grad if reuse else workspace.empty_like(x) if need_x else None
+        grads = _work("kron_grad", size, x) if reuse and rank > 1 else None
+        grad_tau = None if need_x or not need_base else _work("kron_gtau", size, x)
+        grad_base = torch.zeros_like(base) if need_base else None
+        work = [_work(f"kron{j}", size, x) for j in range(m - 1)]
+        taus = None if base is None or top == 0 else _work("kron_tau", size, x)
         for e in _blocks(n, size):
-            ws = [w[: e.stop - e.start] for w in work]
+            nb = e.stop - e.start
+            ws = [w[:nb] for w in work]
+            xs = x[e] if taus is None else torch.sub(x[e], base, out=taus[:nb])
+            gx = None if not need_tau else (grad_x[e] if grad_x is not None else grad_tau[:nb])
+            block_grad = grad[e] if grads is None else grads[:nb].copy_(grad[e])
             for rho in range(rank):
-                inputs = [x[e]]  # inputs[j] is what step j received; inputs[j] lives in ws[j - 1]
+                inputs = [xs]  # inputs[j] is what step j received; inputs[j] lives in ws[j - 1]
                 for j in range(top):
                     inputs.append(_mode_into(inputs[j], factors[order[j]][rho, e], order[j], ws[j]))
-                g, alpha = grad[e], scale
+                g, alpha = block_grad, scale
                 for j in reversed(range(lowest, m)):
                     k = order[j]
                     if grad_f[k] is not None:
@@ -193,18 +219,37 @@ class _KroneckerSum(torch.autograd.Function):
                     f_t = factors[k][rho, e].transpose(-1, -2)
                     if j > lowest:  # inputs[j] is consumed: its buffer takes the next gradient
                         g = _mode_into(g, f_t, k, ws[j - 1], alpha=alpha)
-                    elif need_x:  # j == 0: the last mode, outer, so the r terms accumulate in the GEMM
-                        _mode_into(g, f_t, k, grad_x[e], alpha=alpha, accumulate=rho > 0)
+                    elif need_tau:  # j == 0: the last mode, outer, so the r terms accumulate in the GEMM
+                        _mode_into(g, f_t, k, gx, alpha=alpha, accumulate=rho > 0)
                     alpha = 1.0
-        return (grad_x, None, *grad_f)
+            if need_base:  # τ_i = x_i − base
+                for i in range(nb):
+                    grad_base.sub_(gx[i])
+        return (grad_x, grad_base, None, None, *grad_f)
 
 
-def kronecker_apply(tau: torch.Tensor, factors: Sequence[torch.Tensor], *, scale: float = 1.0) -> torch.Tensor:
+def _work(name: str, size: int, x: torch.Tensor) -> torch.Tensor:
+    """A reused work buffer for a block of `size` experts shaped like `x`'s."""
+    return workspace.buffer(name, size * x[0].numel(), x).view(size, *x.shape[1:])
+
+
+def kronecker_apply(
+    tau: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    *,
+    scale: float = 1.0,
+    base: torch.Tensor | None = None,
+    reuse_grad: bool = False,
+) -> torch.Tensor:
     """Apply `scale · M_i` to each of `tau` `[n, O, I]` (or a bias `[n, O]`).
 
     `factors` holds one `[r, n, d_k, d_k]` tensor per mode: `(A, B, C, D)` for a weight with
     `O = d_A·d_B`, `I = d_C·d_D`; `(A, B)` for a bias. Returns a new tensor shaped like `tau`.
-    `scale` is applied inside the last GEMM of each pass, at no cost.
+    `scale` is applied inside the last GEMM of each pass, at no cost. With `base` (`[O, I]`),
+    `tau` holds the experts and `M_i` is applied to `tau_i − base` (the same result as
+    `kronecker_apply(domain_vectors(tau, base), ...)`), on the CPU without forming the differences.
+    `reuse_grad=True`: the gradient reaching the result belongs to the caller alone (it is a
+    temporary, no hook or other consumer keeps it), so the backward pass writes `∂tau` over it.
     """
     dims = [f.shape[-1] for f in factors]
     n = tau.shape[0]
@@ -212,12 +257,15 @@ def kronecker_apply(tau: torch.Tensor, factors: Sequence[torch.Tensor], *, scale
         raise ValueError(f"factor dims {dims} do not tile a tensor of shape {tuple(tau.shape[1:])}")
     with torch.autocast(tau.device.type, enabled=False):  # parameter-only maths, in the parameters' dtype
         x = tau.reshape(n, *dims)
+        if base is not None and (torch.compiler.is_compiling() or fused_kernel(x, factors)):
+            x, base = x + base.reshape(dims).neg(), None  # domain_vectors, for the traced and fused paths
         if torch.compiler.is_compiling():  # a static graph of plain products for the compiler to fuse
             out = kronecker_traced(x, factors, scale=scale)
         elif fused_kernel(x, factors):
             out = kronecker_triton(x, factors, scale=scale).to(x.dtype)
         else:
-            out = _KroneckerSum.apply(x, scale, *factors)
+            base = None if base is None else base.reshape(dims)
+            out = _KroneckerSum.apply(x, base, scale, reuse_grad, *factors)
     return out.reshape(tau.shape)
 
 

@@ -39,6 +39,7 @@ class ExpertChain:
         self.layers, self.beta = list(layers), beta
         self._pass = 0
         self._memo = ParameterMemo()
+        self._traced: list[Link] | None = None  # the links of the pass being compiled
         for i, layer in enumerate(self.layers):
             layer.chain, layer.chain_index = self, i
 
@@ -57,6 +58,17 @@ class ExpertChain:
         return [p for layer in self.layers[: index + 1] for p in layer.merge_parameters()]
 
     def link(self, index: int) -> Link:
+        if torch.compiler.is_compiling():
+            # The memo's key reads storage addresses and a pass counter, which would put guards on
+            # every step. The chain's first layer runs first in every forward pass: it builds all
+            # links inside the graph being traced and the later layers read them; the last one
+            # drops them, so no step's links outlive its graph.
+            if index == 0 or self._traced is None:
+                self._traced = self._links()
+            links = self._traced
+            if index == len(self) - 1:
+                self._traced = None
+            return links[index]
         grad = torch.is_grad_enabled()
         key = (grad, self._pass if grad else None, parameter_key(self.parameters_through(len(self) - 1)))
         return self._memo.get(key, self._links)[index]

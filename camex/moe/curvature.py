@@ -28,8 +28,10 @@ class KroneckerCurvature(nn.Module):
         dims = [f.shape[-1] for f in self.weight_factors]
         return f"rank={self.rank}, modes={dims}"
 
-    def weight(self, taus: torch.Tensor) -> torch.Tensor:
-        return kronecker_apply(taus, list(self.weight_factors))
+    def weight(self, taus: torch.Tensor, base: torch.Tensor | None = None, *, reuse_grad: bool = False) -> torch.Tensor:
+        """`M_i(τ_i)`; with `base`, `taus` holds the experts and `τ_i = taus_i − base`.
+        `reuse_grad`: see `kronecker_apply` (the result's gradient may be overwritten)."""
+        return kronecker_apply(taus, list(self.weight_factors), base=base, reuse_grad=reuse_grad)
 
-    def bias(self, taus: torch.Tensor) -> torch.Tensor:
-        return kronecker_apply(taus, list(self.bias_factors))
+    def bias(self, taus: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        return kronecker_apply(taus, list(self.bias_factors), base=base)

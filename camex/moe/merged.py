@@ -116,6 +116,10 @@ class MergedExpertLinear(nn.Module):
                 return base_w, link.curved_weight, base_b, link.curved_bias
         else:
             base_w, base_b = self.base_weight, self.base_bias
+        if self._owns_curved():  # M_i(E_i − E_m) without forming τ; its gradient overwrites it
+            curved_w = self.curvature.weight(self.expert_weight, base_w, reuse_grad=True)
+            curved_b = None if base_b is None else self.curvature.bias(self.expert_bias, base_b)
+            return base_w, curved_w, base_b, curved_b
         curved_w = self.transform(domain_vectors(self.expert_weight, base_w))
         curved_b = None if base_b is None else self.transform(domain_vectors(self.expert_bias, base_b), bias=True)
         return base_w, curved_w, base_b, curved_b
@@ -130,11 +134,30 @@ class MergedExpertLinear(nn.Module):
         autograd off this depends on parameters only, so it is cached until a parameter changes
         (test-time reparameterisation): evaluation then costs what Euclidean merging costs.
         `eval_cache = False` turns the cache off (for benchmarks and debugging); a compiled
-        forward computes the operands in its graph (the cache key reads storage addresses)."""
-        if self.eval_cache and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        forward computes the operands in its graph (the cache key reads storage addresses).
+        Without a mask or chain, the backward pass of a CAMEx layer writes the gradient of `γ̃`
+        (and then of `E`) over `γ̃`'s memory: a caller that backpropagates through the returned
+        `γ̃` itself must not keep that gradient (no hook or `retain_grad` on it)."""
+        if self._cached():
             return self._eval_cache.get(parameter_key(self.dependencies()), self._operands)
         self._eval_cache.clear()
         return self._operands()
+
+    def _cached(self) -> bool:
+        if not self.eval_cache or self.training or torch.is_grad_enabled():
+            return False
+        return not torch.compiler.is_compiling()
+
+    def _owns_curved(self) -> bool:
+        """Whether `_operands` forms `γ̃ = M(E − E_m)` for this forward alone: the merged linear
+        then writes `∂γ̃` over `γ̃` in its backward pass, and the curvature `∂E` over `∂γ̃`, so
+        three `[n, O, I]` tensors share one allocation (`reuse_deltas`, `reuse_grad`)."""
+        return self.chain is None and type(self.mask) is NoMask and self.curvature is not None
+
+    def _merges_experts(self) -> bool:
+        """Euclidean merging without mask or chain, uncached: the merge takes the experts and the
+        base and forms `τ` inside its tiles (`merged_linear(..., around=True)`)."""
+        return self.curvature is None and self.chain is None and type(self.mask) is NoMask and not self._cached()
 
     def train(self, mode: bool = True) -> MergedExpertLinear:
         """Entering train or eval mode drops the cached operands (see `camex.moe.cache`)."""
@@ -146,10 +169,20 @@ class MergedExpertLinear(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.chain is not None and self.chain_index == 0 and torch.is_grad_enabled():
-            self.chain.new_pass()
+            if not torch.compiler.is_compiling():  # a compiled chain rebuilds its links every pass
+                self.chain.new_pass()
         routing = take_routing(x, self.router, self.shared)
         scores = self.mask.scores(routing.scores, self.training)
-        base_w, deltas_w, base_b, deltas_b = self.operands()
+        around, reuse = self._merges_experts(), self._owns_curved() and not self._cached()
+        if around:
+            self._eval_cache.clear()
+            base_w, deltas_w, base_b, deltas_b = self.base_weight, self.expert_weight, self.base_bias, self.expert_bias
+        else:
+            base_w, deltas_w, base_b, deltas_b = self.operands()
         return per_unit(
-            x, routing, lambda seqs: merged_linear(seqs, base_w, deltas_w, scores, self.alpha, base_b, deltas_b)
+            x,
+            routing,
+            lambda seqs: merged_linear(
+                seqs, base_w, deltas_w, scores, self.alpha, base_b, deltas_b, around=around, reuse_deltas=reuse
+            ),
         )
