@@ -198,6 +198,19 @@ def test_analysis_pairs_by_seed_holm_adjusts_and_states_no_effect_with_its_inter
     assert h2.kind == "paired" and h2.seeds == ("0", "1", "2")
     assert h2.differences == pytest.approx([ca_gain[s] + 0.02 for s in range(3)])
 
+    # the findings read them by the registered rules
+    said = prereg.findings(rows, ["a check"])
+    h1_domain = next(f for f in said if f.startswith("**H1, Domain-specific-CA vs Domain-specific**"))
+    assert "CA lower (supports the hypothesis)" in h1_domain and "6 of 6 pairs lower for CA" in h1_domain
+    assert "Secondary endpoint (supporting): CA lower" in h1_domain
+    h2_ties = next(f for f in said if f.startswith("**H2, Ties-CA vs Ties (lr × 1.2)**"))
+    assert "not interpreted, as registered (H1 is not supported for this pair)" in h2_ties
+    h2_domain = next(f for f in said if f.startswith("**H2, Domain-specific-CA vs Domain-specific (lr × 1.2)**"))
+    # CA above the lr x 1.2 runs on 3 of 3 pairs: significant by the t-test only (sign test p = 0.25 at n = 3)
+    assert "CA higher (against the hypothesis)" in h2_domain
+    assert "significant by the t-test, not by the sign test (p = 0.25)" in h2_domain
+    assert said[-1] == "a check" and len(said) == 5  # 4 primary questions, then the checks
+
 
 def test_analysis_says_not_testable_when_seeds_do_not_pair():
     main = [_run("prereg_lm", "domain", s, 5.0) for s in (0, 1)] + [_run("prereg_lm", "camex", s, 5.0) for s in (2, 3)]
@@ -224,6 +237,9 @@ def test_fine_tuning_arm_reads_accuracy_with_higher_favouring_ca():
     assert c.p_holm == pytest.approx(c.p)  # one pair per endpoint: Holm changes nothing
     assert rows[0]["decision"].startswith("CA higher (supports the hypothesis)") and "accuracy" in rows[0]["decision"]
     assert rows[1]["comparison"].difference == pytest.approx(c.difference)
+    (h3,) = prereg.findings(rows)
+    # 5 of 5 pairs favour CA: the sign test's smallest p is 0.0625, so the t-test stands alone
+    assert "supported by the t-test, not by the sign test (p = 0.0625)" in h3
     # the manipulation check against the registered 5 %: met here, not met below it
     assert "above the registered 5%" in prereg.manipulation_check(prereg.FINETUNE, runs)
     low = [_ft_run("camex", s, 0.8, moved=0.002) for s in range(2)]

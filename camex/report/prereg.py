@@ -155,6 +155,52 @@ def analyse(main: Sequence[Run], control: Sequence[Run], history: History) -> li
     return rows
 
 
+_NAMES = {"domain": "Domain-specific", "camex": "Domain-specific-CA", "ties": "Ties", "camex_ties": "Ties-CA"}
+
+
+def _supported(row: dict) -> bool:
+    return row["decision"].startswith("CA") and "supports" in row["decision"]
+
+
+def _pair_words(pair: str) -> str:
+    ca, rest = pair.split(" − ", 1)
+    euclid, _, lr = rest.partition(" ")
+    return f"{_NAMES.get(ca, ca)} vs {_NAMES.get(euclid, euclid)}{' ' + lr if lr else ''}"
+
+
+def findings(rows: Sequence[dict], checks: Sequence[str] = ()) -> list[str]:
+    """One sentence per registered question, read by the decision rules of docs/prereg_cpu.md:
+    H2 is interpreted only where H1 is supported for the same pair; a t-test rejection the sign
+    test does not share is said to be the t-test's alone; the manipulation checks come last."""
+    primary = {(r["hypothesis"], r["pair"]): r for r in rows if r["endpoint"].startswith("primary")}
+    secondary = {(r["hypothesis"], r["pair"]): r for r in rows if r["endpoint"].startswith("secondary")}
+    out: list[str] = []
+    for (hypothesis, pair), row in primary.items():
+        c: Comparison = row["comparison"]
+        what = f"**{hypothesis}, {_pair_words(pair)}** ({row['endpoint'].split(': ', 1)[1]}, {c.n} pairs)"
+        if hypothesis == "H2":
+            h1 = primary.get(("H1", pair.split(" (", 1)[0]))
+            if h1 is None or not _supported(h1):
+                out.append(f"{what}: not interpreted, as registered (H1 is not supported for this pair); "
+                           f"the table reports it: {row['decision']}.")  # fmt: skip
+                continue
+            if not row["decision"].startswith("CA"):  # neither supported nor against: the registered wording
+                ci = "" if c.ci is None else f", 95 % CI [{c.ci[0]:+.5f}, {c.ci[1]:+.5f}]"
+                out.append(f"{what}: not distinguishable from a larger step at n = {c.n}{ci}.")
+                continue
+        sentence = f"{what}: {row['decision']}"
+        if c.p_holm is not None and c.p_holm < ALPHA and (c.p_sign is None or c.p_sign >= ALPHA):
+            word = "supported" if _supported(row) else "significant"
+            sentence += f"; {word} by the t-test, not by the sign test (p = {_p(c.p_sign)})"
+        elif c.p_sign is not None:
+            sentence += f"; sign test p = {_p(c.p_sign)} ({c.losses} of {c.n} pairs lower for CA, {c.wins} higher)"
+        more = secondary.get((hypothesis, pair))
+        if more is not None:
+            sentence += f". Secondary endpoint (supporting): {more['decision']}"
+        out.append(sentence + ".")
+    return out + list(checks)
+
+
 def _p(p: float | None) -> str:
     return "–" if p is None else f"{p:.3g}"
 
@@ -193,6 +239,9 @@ def render(rows: list[dict], checks: Sequence[str] = (), registered: Sequence[st
         lines.append(f"| {r['hypothesis']} | {r['endpoint']} | {r['pair']} | {c.n} | {diff} | {ci} | {_p(c.p)} | "
                      f"{_p(c.p_holm)} | {_p(c.p_sign)} | {c.losses}/{c.wins} | {r['decision']} |")  # fmt: skip
     lines += ["", "CA lower/higher: seed pairs where the curvature-aware run's value is lower / higher."]
+    if rows:
+        lines += ["", "## Findings (the registered questions, read by the registered rules)", "",
+                  *(f"- {f}" for f in findings(rows, checks))]  # fmt: skip
     if checks:
         lines += ["", "## Manipulation checks", "", *(f"- {c}" for c in checks)]
     return "\n".join(lines) + "\n"
