@@ -222,16 +222,20 @@ def registration_commits(repo: Path | None = None) -> list[str]:
 
 
 def render(rows: list[dict], checks: Sequence[str] = (), registered: Sequence[str] = ()) -> str:
+    """Findings first (one sentence per registered question), then the tests behind them."""
     quoted = [f"- `{line.split(' ', 1)[0]}` {line.split(' ', 1)[1]}" for line in registered]
     lines = ["# Pre-registered analysis (docs/prereg_cpu.md)", "",
              "Registered before any run, in these commits (design, hypotheses, tests, decision rules):", "",
              *(quoted or ["- (no git history here: see docs/prereg_cpu.md)"]), "",
              "Δ = curvature-aware − Euclidean, per seed pair: eval NLL in nats (H1, H2; negative favours CA), "
              "eval accuracy (H3; positive favours CA). "
-             "Paired t-test (Holm over the two row pairs per hypothesis and endpoint) and exact sign test, two-sided.",
-             "", "| hypothesis | endpoint | pair | n | Δ mean | 95 % CI | p (t) | p (Holm) | p (sign) "
-             "| CA lower/higher | decision |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "Paired t-test (Holm over the two row pairs per hypothesis and endpoint) and exact sign test, "
+             "two-sided."]  # fmt: skip
+    if rows:
+        lines += ["", "## Findings (the registered questions, read by the registered rules)", "",
+                  *(f"- {f}" for f in findings(rows, checks))]  # fmt: skip
+    lines += ["", "## Tests", "", "| hypothesis | endpoint | pair | n | Δ mean | 95 % CI | p (t) | p (Holm) | p (sign) "
+              "| CA lower/higher | decision |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         c: Comparison = r["comparison"]
         ci = "–" if c.ci is None else f"[{c.ci[0]:+.5f}, {c.ci[1]:+.5f}]"
@@ -239,9 +243,6 @@ def render(rows: list[dict], checks: Sequence[str] = (), registered: Sequence[st
         lines.append(f"| {r['hypothesis']} | {r['endpoint']} | {r['pair']} | {c.n} | {diff} | {ci} | {_p(c.p)} | "
                      f"{_p(c.p_holm)} | {_p(c.p_sign)} | {c.losses}/{c.wins} | {r['decision']} |")  # fmt: skip
     lines += ["", "CA lower/higher: seed pairs where the curvature-aware run's value is lower / higher."]
-    if rows:
-        lines += ["", "## Findings (the registered questions, read by the registered rules)", "",
-                  *(f"- {f}" for f in findings(rows, checks))]  # fmt: skip
     if checks:
         lines += ["", "## Manipulation checks", "", *(f"- {c}" for c in checks)]
     return "\n".join(lines) + "\n"
