@@ -314,3 +314,15 @@ def test_reduced_pipeline_end_to_end(tmp_path):
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert "finished:" not in again.stdout and "agrees within seed noise" in again.stdout
     assert (tmp_path / "r2" / "prereg.md").read_text() == text
+
+
+def test_measured_budget_leaves_out_pauses_and_counts_overlapping_runs_once():
+    # run a: works 0-100 s, stopped, resumed at 1000-1050 s; run b overlaps it at 50-150 s
+    a = prereg.active_intervals([0, 10, 100, 1000, 1050], pause_s=300)
+    b = prereg.active_intervals([150, 50, 120], pause_s=300)
+    assert a == [(0, 100), (1000, 1050)] and b == [(50, 150)]
+    budget = prereg.measured_budget({"main": a, "ft": b})
+    assert budget["main"] == {"wall_s": 150.0, "run_s": 150.0}
+    assert budget["total"] == {"wall_s": 200.0, "run_s": 250.0}  # 0-150 and 1000-1050; 100 + 50 + 100
+    table = prereg.render_budget(budget, {"main": 1, "ft": 1})
+    assert table[-1] == "| total | 2 | 3.3 | 4.2 |"

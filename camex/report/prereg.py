@@ -205,6 +205,60 @@ def _p(p: float | None) -> str:
     return "–" if p is None else f"{p:.3g}"
 
 
+# A run's logged points (start, every logging step, every evaluation, end) further apart than this
+# are a stop and a resume (a pause), not work: the budget leaves such gaps out.
+PAUSE_S = 300.0
+_CLOCK_KEYS = ("learning_rate", "eval_loss", "final_loss")
+
+
+def active_intervals(times: Sequence[float], pause_s: float = PAUSE_S) -> list[tuple[float, float]]:
+    """The spans of one run's sorted activity times (seconds) with no gap above `pause_s`."""
+    spans: list[tuple[float, float]] = []
+    for t in sorted(times):
+        if spans and t - spans[-1][1] <= pause_s:
+            spans[-1] = (spans[-1][0], t)
+        else:
+            spans.append((t, t))
+    return spans
+
+
+def union_seconds(spans: Sequence[tuple[float, float]]) -> float:
+    """The length of the union of `spans`: wall-clock during which at least one run was working."""
+    total, end = 0.0, -math.inf
+    for lo, hi in sorted(spans):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
+def measured_budget(per_run: dict[str, Sequence[tuple[float, float]]]) -> dict[str, dict[str, float]]:
+    """Per arm (`arm -> every run's active spans`): the wall-clock with at least one run working
+    (`wall_s`) and the run-seconds summed over runs (`run_s`); `total` over every arm's spans."""
+
+    def summary(spans: Sequence[tuple[float, float]]) -> dict[str, float]:
+        return {"wall_s": union_seconds(spans), "run_s": sum(hi - lo for lo, hi in spans)}
+
+    everything = [span for spans in per_run.values() for span in spans]
+    return {**{arm: summary(spans) for arm, spans in per_run.items()}, "total": summary(everything)}
+
+
+def _run_spans(mlflow_client, run_id: str) -> list[tuple[float, float]]:
+    info = mlflow_client.get_run(run_id).info
+    times = [t / 1000 for t in (info.start_time, info.end_time) if t]
+    for key in _CLOCK_KEYS:
+        times += [m.timestamp / 1000 for m in mlflow_client.get_metric_history(run_id, key)]
+    return active_intervals(times)
+
+
+def render_budget(budget: dict[str, dict[str, float]], runs: dict[str, int]) -> list[str]:
+    lines = ["| arm | runs | wall-clock, min (≥ 1 run working) | run-minutes |", "|---|---|---|---|"]
+    for arm, b in budget.items():
+        count = sum(runs.values()) if arm == "total" else runs.get(arm, 0)
+        lines.append(f"| {arm} | {count} | {b['wall_s'] / 60:.1f} | {b['run_s'] / 60:.1f} |")
+    return lines
+
+
 REGISTRATION = "docs/prereg_cpu.md"
 
 
@@ -221,7 +275,9 @@ def registration_commits(repo: Path | None = None) -> list[str]:
     return out.stdout.splitlines() if out.returncode == 0 else []
 
 
-def render(rows: list[dict], checks: Sequence[str] = (), registered: Sequence[str] = ()) -> str:
+def render(
+    rows: list[dict], checks: Sequence[str] = (), registered: Sequence[str] = (), budget: Sequence[str] = ()
+) -> str:
     """Findings first (one sentence per registered question), then the tests behind them."""
     quoted = [f"- `{line.split(' ', 1)[0]}` {line.split(' ', 1)[1]}" for line in registered]
     lines = ["# Pre-registered analysis (docs/prereg_cpu.md)", "",
@@ -245,6 +301,11 @@ def render(rows: list[dict], checks: Sequence[str] = (), registered: Sequence[st
     lines += ["", "CA lower/higher: seed pairs where the curvature-aware run's value is lower / higher."]
     if checks:
         lines += ["", "## Manipulation checks", "", *(f"- {c}" for c in checks)]
+    if budget:
+        lines += ["", "## Budget, measured from the store", "",
+                  f"From the runs' own logged times (start, every logging step and evaluation, end); gaps over "
+                  f"{PAUSE_S / 60:.0f} min between a run's points are stops and resumes and are left out "
+                  "(with them the start-up of a resumed run). Two runs train at a time.", "", *budget]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -260,9 +321,11 @@ def write(uri: str, out: Path) -> Path:
 
     rows = analyse(arm[MAIN], arm[CONTROL], history) + analyse_finetune(arm[FINETUNE], history)
     checks = [manipulation_check(name, arm[name]) for name in (MAIN, FINETUNE)]
+    spans = {name: [s for r in arm[name] for s in _run_spans(mlflow_client, r.run_id)] for name in arm}
+    budget = render_budget(measured_budget(spans), {name: len(arm[name]) for name in arm})
     out.mkdir(parents=True, exist_ok=True)
     path = out / "prereg.md"
-    path.write_text(render(rows, checks, registration_commits()))
+    path.write_text(render(rows, checks, registration_commits(), budget))
     return path
 
 
