@@ -39,8 +39,13 @@ PACKAGES = ("torch", "transformers", "timm", "mlflow", "optuna", "hydra-core", "
 # --reduced: each preset on a handful of examples, Euclidean vs curvature-aware, 2 seeds; the text
 # part on one data set with a tiny BERT, as saving upcycled MiniLMs' weights is most of its time
 REDUCED = {
-    "common": ["trainer.max_steps=2", "trainer.max_train_samples=32", "trainer.max_eval_samples=16",
-               "merge=domain,camex", "seed=0,1"],  # fmt: skip
+    "common": [
+        "trainer.max_steps=2",
+        "trainer.max_train_samples=32",
+        "trainer.max_eval_samples=16",
+        "merge=domain,camex",
+        "seed=0,1",
+    ],  # fmt: skip
     "text": ["task=offline/topic", "model=tiny_bert", "trainer.eval_batch_size=16"],
     "lm": ["trainer.eval_steps=1", "trainer.max_eval_samples=2", "trainer.logging_steps=1"],
     "vision": ["trainer.batch_size=16"],
@@ -130,15 +135,22 @@ def reproduce(
         extra = (reduced.get("common", []) + reduced.get(part, [])) if args.reduced else []
         cmd = [sys.executable, "run.py", "-m", f"experiment={preset}", f"paths.output_root={outputs_dir}",
                *extra, *args.overrides]  # fmt: skip
-        invocation["parts"][part] = {"command": shlex.join(["python", *cmd[1:]]), "seconds": _run(cmd)}
+        # recorded before it starts: a part stopped before it ends stays on record, with no seconds
+        record = {"command": shlex.join(["python", *cmd[1:]]), "started": time.strftime("%H:%M:%S"), "seconds": None}
+        invocation["parts"][part] = record
+        timings_file.write_text(json.dumps([*timings, invocation], indent=2))
+        record["seconds"] = _run(cmd)
         timings_file.write_text(json.dumps([*timings, invocation], indent=2))
     timings.append(invocation)
+    parts = [p for inv in timings for p in inv["parts"].values()]
 
     given = argv if argv is not None else sys.argv[1:]
     provenance = {
         "command": shlex.join(["python", script, *given]),
-        "wall_clock_s": round(sum(p["seconds"] for inv in timings for p in inv["parts"].values())
-                              + sum(inv.get("before_sweeps_s", 0.0) for inv in timings), 1),
+        "wall_clock_s": round(
+            sum(p["seconds"] or 0.0 for p in parts) + sum(inv.get("before_sweeps_s", 0.0) for inv in timings), 1
+        ),
+        "parts_stopped": sum(p["seconds"] is None for p in parts),  # their time is not in wall_clock_s
         "invocations": timings,
         "git_commit": timings[0].get("git_commit", _git_commit()),  # the code the first runs ran with
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs visible",

@@ -326,3 +326,29 @@ def test_measured_budget_leaves_out_pauses_and_counts_overlapping_runs_once():
     assert budget["total"] == {"wall_s": 200.0, "run_s": 250.0}  # 0-150 and 1000-1050; 100 + 50 + 100
     table = prereg.render_budget(budget, {"main": 1, "ft": 1})
     assert table[-1] == "| total | 2 | 3.3 | 4.2 |"
+
+
+def test_a_part_stopped_before_its_end_stays_on_record_and_the_report_says_so(tmp_path, monkeypatch):
+    driver = _driver()
+
+    def run(cmd: list[str]) -> float:
+        if "experiment=prereg_lm_control" in cmd:
+            raise SystemExit("stopped")  # as a stop (or a failed part) ends the driver
+        return 2.0
+
+    monkeypatch.setattr(driver.pipeline, "_run", run)
+    monkeypatch.setattr(driver.prereg_experts, "build", lambda out, reduced: None)
+    monkeypatch.setattr(driver.prereg, "write", lambda uri, out: out)
+    outputs, out = tmp_path / "o", tmp_path / "r"
+    with pytest.raises(SystemExit):
+        driver.main(["--reduced", "--outputs", str(outputs), "--out", str(out)])
+    parts = json.loads((outputs / "timings.json").read_text())[0]["parts"]
+    assert parts["main"]["seconds"] == 2.0 and parts["control"]["seconds"] is None  # on record, no time
+    monkeypatch.setattr(driver.pipeline, "_run", lambda cmd: 2.0)  # resumed: every part ends
+    assert driver.main(["--reduced", "--outputs", str(outputs), "--out", str(out)]) == 0
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["parts_stopped"] == 1 and provenance["wall_clock_s"] == pytest.approx(2.0 * 4, abs=0.5)
+    from camex.report.__main__ import _provenance_lines
+
+    line = [x for x in _provenance_lines(out / "provenance.json") if x.startswith("Wall-clock")][0]
+    assert line.endswith("(2 invocations; 1 part stopped before the end, not counted)")

@@ -1,6 +1,6 @@
 """`python -m camex.report`: build the report from the runs in an MLflow store.
 
-    python -m camex.report --tracking-uri sqlite:///outputs/mlflow.db --experiment glue_table --out reports/latest
+python -m camex.report --tracking-uri sqlite:///outputs/mlflow.db --experiment glue_table --out reports/latest
 """
 
 from __future__ import annotations
@@ -18,18 +18,34 @@ from camex.report.reference import ReferenceError, load_reference
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m camex.report", description=__doc__.splitlines()[0])
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///outputs/mlflow.db"),
-                   help="MLflow tracking URI (sqlite:///path.db, http://host:port) or a path to a .db file "
-                        "(default: $MLFLOW_TRACKING_URI, else the project's outputs/mlflow.db)")
-    p.add_argument("--experiment", action="append", default=[],
-                   help="MLflow experiment name to include (repeatable; default: all experiments)")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep runs whose tag KEY equals VALUE (repeatable), e.g. --tag model=t5_base")
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///outputs/mlflow.db"),
+        help="MLflow tracking URI (sqlite:///path.db, http://host:port) or a path to a .db file "
+        "(default: $MLFLOW_TRACKING_URI, else the project's outputs/mlflow.db)",
+    )
+    p.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        help="MLflow experiment name to include (repeatable; default: all experiments)",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep runs whose tag KEY equals VALUE (repeatable), e.g. --tag model=t5_base",
+    )
     p.add_argument("--reference", default=None, help="published-values file (default: reports/paper_reference.yaml)")
     p.add_argument("--out", default="reports/latest", help="output folder (default: reports/latest)")
-    p.add_argument("--provenance", default=None, type=Path,
-                   help="JSON written by the command that produced the runs (command, wall_clock_s, git_commit, "
-                        "machine, packages): shown at the top of the report")
+    p.add_argument(
+        "--provenance",
+        default=None,
+        type=Path,
+        help="JSON written by the command that produced the runs (command, wall_clock_s, git_commit, "
+        "machine, packages): shown at the top of the report",
+    )
     return p  # fmt: skip
 
 
@@ -43,7 +59,10 @@ def _provenance_lines(path: Path) -> list[str]:
     lines = [f"Produced by: `{info['command']}`"]
     if "wall_clock_s" in info:
         n = len(info.get("invocations", [])) or 1
-        lines.append(f"Wall-clock of the runs: {info['wall_clock_s'] / 60:.1f} min ({n} invocation{'s' * (n > 1)})")
+        stopped = info.get("parts_stopped", 0)
+        note = f"; {stopped} part{'s' * (stopped > 1)} stopped before the end, not counted" if stopped else ""
+        runs = f"{n} invocation{'s' * (n > 1)}{note}"
+        lines.append(f"Wall-clock of the runs: {info['wall_clock_s'] / 60:.1f} min ({runs})")
     lines += [f"{label}: {info[key]}" for key, label in (("git_commit", "Git commit"), ("machine", "Machine"))
               if key in info]  # fmt: skip
     if isinstance(info.get("packages"), dict):
