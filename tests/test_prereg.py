@@ -352,3 +352,21 @@ def test_a_part_stopped_before_its_end_stays_on_record_and_the_report_says_so(tm
 
     line = [x for x in _provenance_lines(out / "provenance.json") if x.startswith("Wall-clock")][0]
     assert line.endswith("(2 invocations; 1 part stopped before the end, not counted)")
+
+
+def test_the_committed_analysis_is_what_the_committed_store_gives(tmp_path):
+    """reports/prereg_cpu/prereg.md is regenerated from reports/prereg_cpu/mlflow.db, unchanged, and
+    every CA run in the committed store logged the curvature diagnostic at every evaluation."""
+    committed = ROOT / "reports" / "prereg_cpu"
+    store = f"sqlite:///{committed / 'mlflow.db'}"
+    path = prereg.write(store, tmp_path)
+    assert path.read_text() == (committed / "prereg.md").read_text()
+    from camex.report.collect import client, collect_runs, metric_history
+
+    runs = collect_runs(store, [prereg.MAIN, prereg.CONTROL, prereg.FINETUNE])
+    assert sorted(r.experiment for r in runs).count(prereg.MAIN) == 24 and len(runs) == 40
+    mlflow_client = client(store)
+    for run in (r for r in runs if r.merge.startswith("camex")):
+        evals = [step for step, _ in metric_history(mlflow_client, run.run_id, "eval_loss")]
+        moved = [step for step, _ in metric_history(mlflow_client, run.run_id, prereg.MOVED)]
+        assert set(evals) <= set(moved) and len(evals) >= 4, run.run_id
