@@ -229,7 +229,8 @@ def _col_launch(n: int, width: int, d1: int, d2: int) -> tuple[tuple[int, int, i
     return grid, {"Q2": q2, "BA": ba, "BC": _COL_WIDTH, "num_warps": warps}
 
 
-def _dot_precision(x: torch.Tensor) -> str:
+def dot_precision(x: torch.Tensor) -> str:
+    """`tl.dot`'s fp32 input precision: TF32 on CUDA where torch's matmuls allow it, else IEEE."""
     return "tf32" if x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
@@ -245,7 +246,7 @@ def _input_side(x: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tens
     br = _row_tile(p1, p2)
     u = torch.empty((r, *x.shape), device=x.device, dtype=torch.float32)
     _fwd_in_kernel[(n, triton.cdiv(rows, br))](
-        x, c, d, u, r, rows, d1, d2, P1=p1, P2=p2, BR=br, DOT=_dot_precision(x)
+        x, c, d, u, r, rows, d1, d2, P1=p1, P2=p2, BR=br, DOT=dot_precision(x)
     )  # fmt: skip
     return u
 
@@ -288,7 +289,7 @@ def _forward(x: torch.Tensor, factors, scale: float) -> torch.Tensor:
     out = torch.empty(x.shape, device=x.device, dtype=torch.float32)
     grid, blocks = _col_launch(n, width, d1, d2)
     _fwd_out_kernel[grid](
-        u, stride_r, factors[0], factors[1], out, scale, r, width, d1, d2, DOT=_dot_precision(x), **blocks
+        u, stride_r, factors[0], factors[1], out, scale, r, width, d1, d2, DOT=dot_precision(x), **blocks
     )  # fmt: skip
     return out
 
@@ -296,7 +297,7 @@ def _forward(x: torch.Tensor, factors, scale: float) -> torch.Tensor:
 def _backward(grad: torch.Tensor, x: torch.Tensor, factors, scale: float):
     n, d1, d2 = x.shape[:3]
     r = factors[0].shape[0]
-    dot = _dot_precision(x)
+    dot = dot_precision(x)
     grad_f = [torch.zeros(f.shape, device=f.device, dtype=torch.float32) for f in factors]
     if len(factors) == 4:
         rows = x.reshape(n, d1 * d2, x.shape[3], x.shape[4])
