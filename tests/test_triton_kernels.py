@@ -100,6 +100,8 @@ def test_fused_kernel_tiles_fit_the_paper_ffn_shapes(shape, rank):
     assert kronecker.fits(torch.zeros(2, out), factors[:2])
     wide = [torch.zeros(rank, 2, d, d) for d in (24, 100)]  # o2 = 100 pads to 128
     assert not kronecker.fits(torch.zeros(2, 2400), wide)
+    many = torch.zeros(()).expand(2**31 // (out * inp * rank) + 1, out, inp)  # offsets beyond 32 bits
+    assert not kronecker.fits(many, [f[:, :1].expand(rank, many.shape[0], -1, -1) for f in factors])
 
 
 def test_fused_kernel_is_chosen_on_cuda_only_where_its_tiles_fit(monkeypatch):

@@ -125,6 +125,9 @@ def test_fused_merge_gemm_is_off_by_default_and_cuda_only():
     assert not merged_gemm.usable(x, base, deltas)
     if torch.cuda.is_available():
         assert merged_gemm.usable(x.cuda(), base.cuda(), deltas.cuda()) == merged_gemm.available()
+    if merged_gemm.available():  # operands that do not fit together are refused before any launch
+        with pytest.raises(ValueError, match=r"merged GEMM: x \(2, 3, 5\), base \(4, 6\)"):
+            merged_gemm.merged_linear_triton(x, torch.zeros(4, 6), torch.zeros(3, 4, 6), torch.zeros(2, 3))
 
 
 @pytest.mark.gpu

@@ -210,7 +210,8 @@ def _col_block(d1: int, d2: int) -> tuple[int, int]:
 
 
 def fits(x: torch.Tensor, factors) -> bool:
-    """Whether every register tile of the kernels for `x` `[n, *dims]` stays within `TILE_BUDGET`."""
+    """Whether every register tile of the kernels for `x` `[n, *dims]` stays within `TILE_BUDGET`
+    (and every offset within 32 bits)."""
     dims = [f.shape[-1] for f in factors]
     q2, ba = _col_block(dims[0], dims[1])
     tiles = [ba * _COL_WIDTH * q2, q2 * q2, ba * ba]
@@ -218,7 +219,8 @@ def fits(x: torch.Tensor, factors) -> bool:
         p1, p2 = _pad(dims[2]), _pad(dims[3])
         br = _row_tile(p1, p2)
         tiles += [br * p1 * p1, br * p1 * p2, br * p2 * p1]
-    return max(tiles) <= TILE_BUDGET
+    # the kernels index `[r, n, O, I]` buffers with 32-bit offsets
+    return max(tiles) <= TILE_BUDGET and factors[0].shape[0] * x.numel() < 2**31
 
 
 def _col_launch(n: int, width: int, d1: int, d2: int) -> tuple[tuple[int, int, int], dict]:

@@ -103,8 +103,11 @@ def available() -> bool:
 
 
 def usable(x: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor) -> bool:
-    """Whether the fused kernel takes these operands: CUDA tensors, Triton installed, `x` 3-D."""
-    return available() and x.is_cuda and base.is_cuda and deltas.is_cuda and x.dim() == 3 and base.dim() == 2
+    """Whether the fused kernel takes these operands: CUDA tensors, Triton installed, `x` 3-D,
+    every offset within 32 bits."""
+    if not (available() and x.is_cuda and base.is_cuda and deltas.is_cuda and x.dim() == 3 and base.dim() == 2):
+        return False
+    return max(x.numel(), deltas.numel(), x.shape[0] * x.shape[1] * base.shape[0]) < 2**31
 
 
 def merged_linear_triton(
@@ -123,8 +126,13 @@ def merged_linear_triton(
     differences), the weight merged inside the token GEMM. Output in `x`'s dtype."""
     if triton is None:
         raise RuntimeError("triton is not installed")
+    units, n = scores.shape
+    if x.dim() != 3 or x.shape[0] != units or x.shape[2] != base.shape[1] or deltas.shape != (n, *base.shape):
+        raise ValueError(
+            f"merged GEMM: x {tuple(x.shape)}, base {tuple(base.shape)}, deltas {tuple(deltas.shape)}, "
+            f"scores {tuple(scores.shape)}: want [units, T, I], [O, I], [n, O, I], [units, n]"
+        )
     coeffs = alpha * scores.float()
-    units = coeffs.shape[0]
     c0 = 1.0 - coeffs.sum(1) if around else torch.ones(units, device=coeffs.device)
     y = _FusedMergedGemm.apply(x.contiguous(), base.contiguous(), deltas.contiguous(), c0, coeffs.contiguous())
     if base_bias is None:
