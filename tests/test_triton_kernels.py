@@ -49,17 +49,17 @@ CHECK = textwrap.dedent(
                 check(r, dims, n, device)
         for dims, n in padded:
             check(1, dims, n, device)
-        k._ROW_ELEMS = 512  # tiles of two rows: row-side factor gradients added over eight tiles
-        check(3, (3, 5, 3, 7), 2, device)
-        k._COL_ELEMS = 4096  # o1 = 20 in two blocks of 16 (the second masked), contracted in two chunks
-        check(3, (20, 5, 3, 7), 2, device)
+        # o1 = 20 in two blocks of 16 (the second masked), contracted in two chunks, r = 3
+        check(3, (20, 5, 3, 7), 1, device)
         check(1, (20, 5), 2, device)
+        k._TILE_ELEMS = 512  # tiles of two rows or columns: factor gradients added over 8-11 tiles
+        check(2, (3, 5, 3, 7), 1, device)
     """
 )
 # a weight with odd modes over two column tiles (I = 21), a bias, unit modes
 SMALL = "[((3, 5, 3, 7), 3), ((3, 5), 2), ((1, 5, 2, 1), 2)]"
 # the paper's padding pattern scaled down, r = 1: o2 = 33 (i2 = 33) pads to 64 as 3072 = 48·64
-# does, o1 = 20 takes two blocks of 16 (in both orientations: 660 ↔ 15)
+# does, o1 (i1) = 20 takes two blocks of 16 (in both orientations: 660 ↔ 15)
 PADDED = "[((20, 33, 3, 5), 1), ((3, 5, 20, 33), 1)]"
 # the paper's FFN factorisations themselves (768 = 24·32, 3072 = 48·64), one expert, r = 1
 PAPER = "[((48, 64, 24, 32), 1), ((24, 32, 48, 64), 1)]"

@@ -30,7 +30,7 @@ CHECK = textwrap.dedent(
 
     def operands(dtype, bias, around, device, seed=0):
         g = torch.Generator().manual_seed(seed)
-        units, tokens, out, inner, n = 3, 21, 45, 37, 4
+        units, tokens, out, inner, n = 2, 21, 45, 37, 3
         x = torch.randn(units, tokens, inner, generator=g).to(device, dtype).requires_grad_()
         base = torch.randn(out, inner, generator=g).to(device).requires_grad_()
         deltas = torch.randn(n, out, inner, generator=g).to(device).requires_grad_()
