@@ -53,7 +53,7 @@ step layer_fp32 45 "$PY" -m benchmarks.layer --device cuda --cases $LAYER_CASES 
   --out "$OUT/layer_fp32.json"
 step layer_bf16 45 "$PY" -m benchmarks.layer --device cuda --cases $LAYER_CASES --repeats 5 \
   --dtype bfloat16 --autocast --out "$OUT/layer_bf16.json"
-step kernels 60 "$PY" scripts/gpu_kernels.py --device cuda --repeats 5 --out "$OUT/kernels.json"
+step kernels 75 "$PY" scripts/gpu_kernels.py --device cuda --repeats 5 --out "$OUT/kernels.json"
 
 for dtype in float32 bfloat16; do
   step "model_${dtype}" 60 "$PY" -m benchmarks.model --device cuda --base --models t5 gpt2 \
