@@ -4,8 +4,12 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # default: outputs/gpu_check
 #
-# 1. the gpu-marked tests (CUDA autocast of every variant, the compiled Triton curvature kernels);
-# 2. the layer benchmark, fp32 and bf16 autocast (dense, euclid, camex r=1/r=8, released r=1/r=8);
+# 1. the gpu-marked tests (CUDA autocast of every variant, the compiled Triton curvature kernels
+#    at the paper's 768 <-> 3072 FFN shapes, the merge fused into the token GEMM);
+# 2. the layer benchmark, fp32 and bf16 autocast (dense, euclid, camex r=1/r=8, released r=1/r=8),
+#    and the fused kernels against the PyTorch paths they replace (scripts/gpu_kernels.py: the
+#    curvature at 3072x768 and 768x3072, r=1/r=8; the merged linear with and without the merge
+#    fused into the token GEMM, fp32 and bf16, training step and evaluation);
 # 3. the model benchmark at base size, fp32 and bf16 autocast (dense, domain, camex r=1 and r=8);
 # 4. one short real training run per family (BERT, T5, GPT-2, ViT) in bf16 through run.py, and
 #    one with trainer.compile=true;
@@ -42,13 +46,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log,
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 
 step tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-  tests/test_precision.py tests/test_triton_kernels.py
+  tests/test_precision.py tests/test_triton_kernels.py tests/test_triton_merged_gemm.py
 
 LAYER_CASES="dense euclid camex_r1 camex_r8 released_r1 released_r8"
 step layer_fp32 45 "$PY" -m benchmarks.layer --device cuda --cases $LAYER_CASES --repeats 5 \
   --out "$OUT/layer_fp32.json"
 step layer_bf16 45 "$PY" -m benchmarks.layer --device cuda --cases $LAYER_CASES --repeats 5 \
   --dtype bfloat16 --autocast --out "$OUT/layer_bf16.json"
+step kernels 75 "$PY" scripts/gpu_kernels.py --device cuda --repeats 5 --out "$OUT/kernels.json"
 
 for dtype in float32 bfloat16; do
   step "model_${dtype}" 60 "$PY" -m benchmarks.model --device cuda --base --models t5 gpt2 \

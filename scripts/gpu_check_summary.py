@@ -3,7 +3,8 @@
     python scripts/gpu_check_summary.py OUT_DIR     # writes OUT_DIR/gpu_check.json
 
 Reads OUT_DIR/steps.tsv (each step's exit status and seconds), tests.xml (the gpu-marked tests),
-layer_*.json and model_*.json (benchmarks) and the runs' metrics.json. Nothing is filled in that a
+layer_*.json, kernels.json (fused Triton kernels against the PyTorch paths) and model_*.json
+(benchmarks) and the runs' metrics.json. Nothing is filled in that a
 step did not produce: a missing figure stays null and shows as "–".
 """
 
@@ -78,6 +79,17 @@ def _model(out: Path) -> dict:
     return result
 
 
+def _kernels(out: Path) -> dict | None:
+    """Fused kernels × the PyTorch paths they replace (`scripts/gpu_kernels.py`)."""
+    data = _load(out / "kernels.json")
+    if data is None:
+        return None
+    keys = ("torch_ms", "fused_ms", "fused_x_torch", "fused_x_dense", "eval_fused_x_torch", "max_rel_diff")
+    rows = {f"curvature {k}": v for k, v in data["curvature"].items()}
+    rows |= {f"merged linear {k}": v for k, v in data["merged_linear"].items()}
+    return {name: {k: r.get(k) for k in keys} for name, r in rows.items()}
+
+
 def _runs(out: Path) -> dict:
     runs = {}
     for metrics in sorted(out.glob("runs*/**/metrics.json")):
@@ -96,6 +108,7 @@ def summarise(out: Path) -> dict:
         "steps": _steps(out),
         "tests": _tests(out),
         "layer": _layer(out),
+        "kernels": _kernels(out),
         "model": _model(out),
         "runs": _runs(out),
     }
@@ -109,6 +122,14 @@ def table(summary: dict) -> str:
         rows[-1].append(c.get("released_r1", {}).get("x_dense"))
     headers = ["benchmark", "euclid × dense", "camex r=1 × dense", "camex r=8 × dense", "released r=1 × dense"]
     text = markdown_table(headers, rows)
+    kernel_rows = [
+        [name, r["torch_ms"], r["fused_ms"], r["fused_x_torch"], r["eval_fused_x_torch"], r["max_rel_diff"]]
+        for name, r in (summary["kernels"] or {}).items()
+    ]
+    text += "\n\n" + markdown_table(
+        ["fused kernel", "PyTorch ms", "fused ms", "fused × PyTorch", "eval fused × PyTorch", "max rel. diff"],
+        kernel_rows,
+    )
     model_rows = []
     for key, v in summary["model"].items():
         for variant, r in v.items():

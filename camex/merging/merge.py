@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from camex.kernels import merged_gemm
 from camex.merging import workspace
 
 
@@ -256,7 +257,17 @@ def merged_linear(
     if torch.compiler.is_compiling():
         return _plain(x, base, deltas, scores, alpha, base_bias, delta_bias, around)
     with torch.autocast(device, enabled=False):
+        if FUSED_GEMM and merged_gemm.usable(x, base, deltas):
+            return merged_gemm.merged_linear_triton(
+                x, base, deltas, scores, alpha, base_bias, delta_bias, around=around
+            )
         return _MergedLinear.apply(x, base, deltas, scores, alpha, base_bias, delta_bias, around, reuse_deltas)
+
+
+# The merge fused into the token GEMM's weight load (`camex.kernels.merged_gemm`, Triton, CUDA
+# tensors only). Off until a GPU measurement shows where it pays (`scripts/gpu_check.sh` times
+# both paths; docs/gpu_path.md).
+FUSED_GEMM = False
 
 
 def _plain(x, base, deltas, scores, alpha, base_bias, delta_bias, around=False) -> torch.Tensor:
