@@ -39,13 +39,8 @@ PACKAGES = ("torch", "transformers", "timm", "mlflow", "optuna", "hydra-core", "
 # --reduced: each preset on a handful of examples, Euclidean vs curvature-aware, 2 seeds; the text
 # part on one data set with a tiny BERT, as saving upcycled MiniLMs' weights is most of its time
 REDUCED = {
-    "common": [
-        "trainer.max_steps=2",
-        "trainer.max_train_samples=32",
-        "trainer.max_eval_samples=16",
-        "merge=domain,camex",
-        "seed=0,1",
-    ],  # fmt: skip
+    "common": ["trainer.max_steps=2", "trainer.max_train_samples=32", "trainer.max_eval_samples=16",
+               "merge=domain,camex", "seed=0,1"],  # fmt: skip
     "text": ["task=offline/topic", "model=tiny_bert", "trainer.eval_batch_size=16"],
     "lm": ["trainer.eval_steps=1", "trainer.max_eval_samples=2", "trainer.logging_steps=1"],
     "vision": ["trainer.batch_size=16"],
@@ -147,9 +142,8 @@ def reproduce(
     given = argv if argv is not None else sys.argv[1:]
     provenance = {
         "command": shlex.join(["python", script, *given]),
-        "wall_clock_s": round(
-            sum(p["seconds"] or 0.0 for p in parts) + sum(inv.get("before_sweeps_s", 0.0) for inv in timings), 1
-        ),
+        "wall_clock_s": round(sum(p["seconds"] or 0.0 for p in parts)
+                              + sum(inv.get("before_sweeps_s", 0.0) for inv in timings), 1),
         "parts_stopped": sum(p["seconds"] is None for p in parts),  # their time is not in wall_clock_s
         "invocations": timings,
         "git_commit": timings[0].get("git_commit", _git_commit()),  # the code the first runs ran with

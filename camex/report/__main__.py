@@ -1,6 +1,6 @@
 """`python -m camex.report`: build the report from the runs in an MLflow store.
 
-python -m camex.report --tracking-uri sqlite:///outputs/mlflow.db --experiment glue_table --out reports/latest
+    python -m camex.report --tracking-uri sqlite:///outputs/mlflow.db --experiment glue_table --out reports/latest
 """
 
 from __future__ import annotations
@@ -18,34 +18,18 @@ from camex.report.reference import ReferenceError, load_reference
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m camex.report", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///outputs/mlflow.db"),
-        help="MLflow tracking URI (sqlite:///path.db, http://host:port) or a path to a .db file "
-        "(default: $MLFLOW_TRACKING_URI, else the project's outputs/mlflow.db)",
-    )
-    p.add_argument(
-        "--experiment",
-        action="append",
-        default=[],
-        help="MLflow experiment name to include (repeatable; default: all experiments)",
-    )
-    p.add_argument(
-        "--tag",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="keep runs whose tag KEY equals VALUE (repeatable), e.g. --tag model=t5_base",
-    )
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///outputs/mlflow.db"),
+                   help="MLflow tracking URI (sqlite:///path.db, http://host:port) or a path to a .db file "
+                        "(default: $MLFLOW_TRACKING_URI, else the project's outputs/mlflow.db)")
+    p.add_argument("--experiment", action="append", default=[],
+                   help="MLflow experiment name to include (repeatable; default: all experiments)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="keep runs whose tag KEY equals VALUE (repeatable), e.g. --tag model=t5_base")
     p.add_argument("--reference", default=None, help="published-values file (default: reports/paper_reference.yaml)")
     p.add_argument("--out", default="reports/latest", help="output folder (default: reports/latest)")
-    p.add_argument(
-        "--provenance",
-        default=None,
-        type=Path,
-        help="JSON written by the command that produced the runs (command, wall_clock_s, git_commit, "
-        "machine, packages): shown at the top of the report",
-    )
+    p.add_argument("--provenance", default=None, type=Path,
+                   help="JSON written by the command that produced the runs (command, wall_clock_s, git_commit, "
+                        "machine, packages): shown at the top of the report")
     return p  # fmt: skip
 
 
