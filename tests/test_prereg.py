@@ -354,10 +354,12 @@ def test_a_part_stopped_before_its_end_stays_on_record_and_the_report_says_so(tm
     assert line.endswith("(2 invocations; 1 part stopped before the end, not counted)")
 
 
-def test_the_committed_analysis_is_what_the_committed_store_gives(tmp_path):
-    """reports/prereg_cpu/prereg.md is regenerated from reports/prereg_cpu/mlflow.db, unchanged, and
-    every CA run in the committed store logged the curvature diagnostic at every evaluation."""
-    committed = ROOT / "reports" / "prereg_cpu"
+@pytest.mark.parametrize("folder", ["prereg_cpu", "prereg_cpu/rerun"])
+def test_the_committed_analysis_is_what_the_committed_store_gives(tmp_path, folder):
+    """reports/<folder>/prereg.md is regenerated from reports/<folder>/mlflow.db, unchanged, and
+    every CA run in the committed store logged the curvature diagnostic at every evaluation (the
+    experiment, and its full rerun at a later commit, docs/prereg_cpu.md)."""
+    committed = ROOT / "reports" / folder
     store = f"sqlite:///{committed / 'mlflow.db'}"
     path = prereg.write(store, tmp_path)
     assert path.read_text() == (committed / "prereg.md").read_text()
