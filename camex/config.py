@@ -147,7 +147,7 @@ def _check_trainer(t: dict[str, Any]) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         need(key, _is_number(t.get(key)) and 0 <= t[key] < 1, "a number in [0, 1)")
     need("adam_epsilon", _is_number(t.get("adam_epsilon")) and t["adam_epsilon"] > 0, "a number > 0")
-    for key in ("select_best", "progress_bar", "keep_checkpoints", "compile"):
+    for key in ("select_best", "progress_bar", "keep_checkpoints", "compile", "reuse_host_memory"):
         need(key, isinstance(t.get(key), bool), "true or false")
     need("precision", t.get("precision") in PRECISIONS, str(list(PRECISIONS)))
     need("eval_every", t.get("eval_every") in EVAL_EVERY, str(list(EVAL_EVERY)))

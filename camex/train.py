@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from camex import compose, distributed, faults, footprint, models, tasks, tracking
+from camex import compose, distributed, faults, footprint, host_memory, models, tasks, tracking
 from camex.accounting import count_parameters
 from camex.checkpoints import (
     AtomicCheckpoints,
@@ -39,8 +39,9 @@ from camex.upcycle import upcycle
 CONTROL_KEYS = ("resume", "overwrite", "resume_changed")  # how to run, not what is run: never logged as params
 CONFIG_RECORD = "run_config.json"  # the effective config (redacted) a resume is compared with
 # Keys a resume may change without changing what the run computes: where it is stored and logged,
-# how many threads and loader workers it uses, whether a progress bar shows.
-RESUME_NEUTRAL = ("paths.", "tracking.", "trainer.threads", "trainer.num_workers", "trainer.progress_bar")
+# how many threads and loader workers it uses, how host memory is allocated, whether a progress bar shows.
+RESUME_NEUTRAL = ("paths.", "tracking.", "trainer.threads", "trainer.num_workers", "trainer.progress_bar",
+                  "trainer.reuse_host_memory")
 
 
 class _CamexTrainerMixin:
@@ -471,6 +472,7 @@ def _train(cfg: dict[str, Any], run_dir: Path, hydra_pending: Path | None) -> di
         raise refused
     if spec.trainer.get("threads"):  # e.g. 1 per worker when a parallel launcher runs 2 trials on 2 cores
         torch.set_num_threads(spec.trainer["threads"])
+    host_memory.reuse_freed_memory(spec.trainer["reuse_host_memory"])  # speed only: the same bits either way
     seed = cfg["seed"]
     set_seed(seed)
 

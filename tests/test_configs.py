@@ -111,6 +111,7 @@ def test_task_presets_pick_the_papers_model_and_cli_wins():
     ({"threads": 0}, "trainer.threads=0 is invalid; allowed: null or an integer >= 1"),
     ({"keep_checkpoints": "no"}, "trainer.keep_checkpoints='no' is invalid; allowed: true or false"),
     ({"compile": "yes"}, "trainer.compile='yes' is invalid; allowed: true or false"),
+    ({"reuse_host_memory": 1}, "trainer.reuse_host_memory=1 is invalid; allowed: true or false"),
 ])  # fmt: skip
 def test_cpu_trainer_options_are_validated(override, message):
     from camex.config import _check_trainer
