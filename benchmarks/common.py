@@ -35,6 +35,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop
 
 import torch  # noqa: E402
 
+from camex.host_memory import reuse_freed_memory  # noqa: E402
 from camex.tracking import git_commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -192,12 +193,24 @@ def shape_parser(description: str, *, shapes: list[str], cases: list[str], repea
     p.add_argument("--tiny", action="store_true", help="toy shapes, for smoke tests")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     add_clock(p)
+    add_host_memory(p)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<benchmark>_<device>.json)")
     return p
 
 
 def add_clock(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clock", default="wall", choices=list(CLOCKS), help="cpu: process CPU time (1 thread, CPU)")
+
+
+def add_host_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host-memory", default="reuse", choices=["reuse", "system"],
+                   help="reuse: keep freed CPU memory, as training does (trainer.reuse_host_memory); "
+                        "system: the C library's default")  # fmt: skip
+
+
+def apply_host_memory(args: argparse.Namespace) -> None:
+    """Allocate host memory as a training run does (camex/host_memory.py), unless told otherwise."""
+    reuse_freed_memory(args.host_memory == "reuse")
 
 
 def apply_clock(args: argparse.Namespace) -> None:
@@ -213,6 +226,7 @@ def run_shapes(benchmark: str, args: argparse.Namespace, *, shapes: dict, run_sh
     if args.threads:
         torch.set_num_threads(args.threads)
     apply_clock(args)
+    apply_host_memory(args)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     results = {
@@ -222,6 +236,7 @@ def run_shapes(benchmark: str, args: argparse.Namespace, *, shapes: dict, run_sh
             "dtype": args.dtype,
             "autocast": getattr(args, "autocast", False),
             "clock": args.clock,
+            "host_memory": args.host_memory,
             "warmup": args.warmup,
             "repeats": args.repeats,
             "tiny": args.tiny,

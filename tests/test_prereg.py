@@ -292,6 +292,28 @@ def test_driver_runs_both_arms_then_the_report_then_the_registered_tests(tmp_pat
     assert provenance["wall_clock_s"] == pytest.approx(4.5 + provenance["invocations"][0]["before_sweeps_s"])
 
 
+def test_the_experts_train_on_one_thread_whatever_the_driver_runs_on(tmp_path, monkeypatch):
+    """The registered experts were trained on one thread; on two, GEMM sums in another order and all
+    three came out different (docs/prereg_cpu.md, "Second rerun"), so the builder pins it."""
+    import torch
+
+    experts = _driver().prereg_experts
+    demo, seen = experts.demo, []
+    monkeypatch.setattr(demo, "domain_data", lambda cfg: ({}, {d: (3 * i, 3) for i, d in enumerate(cfg["domains"])}))
+    monkeypatch.setattr(demo, "sampler", lambda *args: None)
+    monkeypatch.setattr(demo, "train", lambda *args, **kwargs: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(demo, "save_atomic", lambda model, tokenizer, folder: folder.mkdir())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        folders = experts.build(tmp_path, reduced=True)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 1, 1] and after == 2  # the driver's own setting comes back
+    assert sorted(folders) == ["code", "tweets", "wikipedia"]
+
+
 @pytest.mark.slow
 def test_reduced_pipeline_end_to_end(tmp_path):
     import os
@@ -354,7 +376,7 @@ def test_a_part_stopped_before_its_end_stays_on_record_and_the_report_says_so(tm
     assert line.endswith("(2 invocations; 1 part stopped before the end, not counted)")
 
 
-@pytest.mark.parametrize("folder", ["prereg_cpu", "prereg_cpu/rerun"])
+@pytest.mark.parametrize("folder", ["prereg_cpu", "prereg_cpu/rerun", "prereg_cpu/rerun2"])
 def test_the_committed_analysis_is_what_the_committed_store_gives(tmp_path, folder):
     """reports/<folder>/prereg.md is regenerated from reports/<folder>/mlflow.db, unchanged, and
     every CA run in the committed store logged the curvature diagnostic at every evaluation (the
