@@ -183,3 +183,14 @@ def test_cpu_clock_times_one_thread_and_refuses_several(tmp_path, one_thread, ca
         assert capsys.readouterr().err.strip().startswith("--clock cpu:")
     finally:
         common.set_clock("wall")
+
+
+@pytest.mark.parametrize("mode", ["reuse", "system"])
+def test_the_layer_benchmark_allocates_as_asked_and_records_it(tmp_path, one_thread, monkeypatch, mode):
+    asked = []
+    monkeypatch.setattr(common, "reuse_freed_memory", lambda enabled: asked.append(enabled) or True)
+    out = tmp_path / "layer.json"
+    data = layer_bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--cases", "dense", "--shapes", "t5",
+                             "--no-memory", "--host-memory", mode, "--out", str(out), *one_thread])  # fmt: skip
+    assert asked == [mode == "reuse"]  # reuse is what training does (trainer.reuse_host_memory)
+    assert data["settings"]["host_memory"] == mode == json.loads(out.read_text())["settings"]["host_memory"]
