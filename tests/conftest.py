@@ -12,6 +12,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# Under pytest-xdist (`-n N`) the workers share the machine's cores: each gets cores / N threads,
+# itself and the runs it starts as subprocesses (they inherit OMP_NUM_THREADS), so N workers never
+# oversubscribe the cores, where OpenMP's spinning threads wait on descheduled ones (docs/gpu_path.md).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 VOCAB = 50
 
 
