@@ -12,12 +12,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import budgets as budgets_bench  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import eval as eval_bench  # noqa: E402
 from benchmarks import layer as layer_bench  # noqa: E402
 from benchmarks import model as model_bench  # noqa: E402
 from camex import list_variants, tracking  # noqa: E402
-from camex.merging import merge, nearest_factors  # noqa: E402
+from camex.merging import curvature, merge, nearest_factors  # noqa: E402
 
 
 @pytest.fixture
@@ -194,3 +195,33 @@ def test_the_layer_benchmark_allocates_as_asked_and_records_it(tmp_path, one_thr
                              "--no-memory", "--host-memory", mode, "--out", str(out), *one_thread])  # fmt: skip
     assert asked == [mode == "reuse"]  # reuse is what training does (trainer.reuse_host_memory)
     assert data["settings"]["host_memory"] == mode == json.loads(out.read_text())["settings"]["host_memory"]
+
+
+def test_the_budgets_benchmark_runs_each_case_under_each_budget_and_restores_them(tmp_path, one_thread, monkeypatch):
+    seen = []
+    build = budgets_bench.layer.build_module
+
+    def spy(name, shape):  # record the budgets each merged case's forward runs under
+        module = build(name, shape)
+        if name != "dense":
+            module.register_forward_pre_hook(lambda *_: seen.append((merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES)))
+        return module
+
+    monkeypatch.setattr(budgets_bench.layer, "build_module", spy)
+    kept = merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES
+    out = tmp_path / "budgets.json"
+    budgets_bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--budgets", "1,2", "3,4", "--out", str(out),
+                        *one_thread])  # fmt: skip
+    cases = json.loads(out.read_text())["cases"]
+    assert list(cases) == ["dense", "euclid 1,2", "euclid 3,4", "camex_r1 1,2", "camex_r1 3,4"]
+    assert all(_positive(row["median_ms"]) and _positive(row["x_dense_time"]) for row in cases.values())
+    mib = 2**20
+    assert seen == [(1 * mib, 2 * mib), (3 * mib, 4 * mib)] * 2  # one forward per (case, budget), in order
+    assert (merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES) == kept
+
+
+def test_the_budgets_benchmark_refuses_a_malformed_budget_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        budgets_bench.main(["--budgets", "8"])
+    assert exit_.value.code == 2
+    assert "budget '8': two whole MiB counts: merge,curvature" in capsys.readouterr().err
