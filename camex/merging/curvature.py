@@ -118,8 +118,8 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
 # On CPU the work buffers hold a block of experts of at most this size: a block's buffers stay
 # in the last-level cache, and buffers under glibc's mmap threshold are recycled by the heap
 # instead of being mapped and page-faulted afresh on every call. 24 MiB rather than 12 (two T5-base
-# FFN experts per block instead of one): fewer, larger products, measured with the merged
-# linear's tile budget (camex r=1 on two threads of a busy machine 4.8x dense instead of 9.9x).
+# FFN experts per block instead of one): fewer, larger products; measured with the merged linear's
+# budget, camex r=1 3-14 % faster on one thread and on two idle ones (docs/benchmarks.md).
 CPU_BLOCK_BYTES = 24 * 2**20
 
 

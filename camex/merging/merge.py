@@ -44,9 +44,9 @@ def merge_flat(
 # take at most this much, so they stay in the last-level cache through the tile's matmuls and the
 # deltas are read from memory once per pass. Buffers this small are also recycled by the heap
 # instead of being mapped and page-faulted afresh on every call, as large CPU allocations are.
-# 16 MiB rather than 8: half as many tiles, so half as many BLAS calls (OpenMP regions) per step;
-# as fast on one thread, and on two threads of a busy machine euclid 3.3x dense instead of 5.7x
-# (benchmarks/budgets.py; docs/benchmarks.md, "Tile and block budgets").
+# 16 MiB rather than 8: half as many tiles, so half as many BLAS calls per step; with the
+# curvature's 24 MiB blocks a few per cent faster on one thread and on two idle ones, no reliable
+# difference on a busy machine (benchmarks/budgets.py; docs/benchmarks.md, "Tile and block budgets").
 CPU_BLOCK_BYTES = 16 * 2**20
 # Up to this size, all units' merged weights are kept for the backward pass instead of rebuilt
 # there (few units: the rebuild would re-read all the deltas for a small saving in memory).
