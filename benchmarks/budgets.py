@@ -19,8 +19,7 @@ from benchmarks.common import (
     Case,
     add_clock,
     add_host_memory,
-    apply_clock,
-    apply_host_memory,
+    apply_process_settings,
     environment,
     markdown_table,
     round_ratio,
@@ -65,12 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     add_clock(p)
     add_host_memory(p)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/budgets_cpu.json)")
+    p.set_defaults(device="cpu")  # the budgets are CPU settings
     args = p.parse_args(argv)
-    args.device = "cpu"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    apply_clock(args)
-    apply_host_memory(args)
+    apply_process_settings(args)
     torch.manual_seed(0)
     shape = (layer.TINY if args.tiny else layer.SHAPES)[args.shape]
     x, grad_y = layer.make_inputs(shape, torch.device("cpu"), torch.float32, grad=True)

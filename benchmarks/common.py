@@ -221,12 +221,17 @@ def apply_clock(args: argparse.Namespace) -> None:
     set_clock(args.clock)
 
 
-def run_shapes(benchmark: str, args: argparse.Namespace, *, shapes: dict, run_shape: Callable, table: Callable) -> dict:
-    """Run `run_shape` for every shape asked for, print each table, and save the JSON."""
+def apply_process_settings(args: argparse.Namespace) -> None:
+    """What every benchmark sets for its whole process before timing: threads, clock, allocator."""
     if args.threads:
         torch.set_num_threads(args.threads)
     apply_clock(args)
     apply_host_memory(args)
+
+
+def run_shapes(benchmark: str, args: argparse.Namespace, *, shapes: dict, run_shape: Callable, table: Callable) -> dict:
+    """Run `run_shape` for every shape asked for, print each table, and save the JSON."""
+    apply_process_settings(args)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     results = {

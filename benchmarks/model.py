@@ -35,8 +35,7 @@ from benchmarks.common import (  # noqa: E402
     Case,
     add_clock,
     add_host_memory,
-    apply_clock,
-    apply_host_memory,
+    apply_process_settings,
     environment,
     markdown_table,
     pick_device,
@@ -274,10 +273,7 @@ def main(argv=None) -> dict:
     add_host_memory(p)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    apply_clock(args)
-    apply_host_memory(args)
+    apply_process_settings(args)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     size = "base" if args.base else "tiny"
