@@ -1,4 +1,5 @@
-"""CPU work budgets of the merged layers, side by side: every merged case at every budget pair.
+"""CPU work budgets of the merged layers, side by side: every merged case at every budget pair,
+with and without the compiled CPU mode products.
 
 The merged linear builds its weights a tile of output rows at a time (`merge.CPU_BLOCK_BYTES`) and
 the curvature walks blocks of experts (`curvature.CPU_BLOCK_BYTES`). Smaller budgets keep a tile in
@@ -6,6 +7,10 @@ the cache; larger ones mean fewer, larger BLAS calls, i.e. fewer OpenMP regions 
 wait in. Each (case, budget) pair is timed with dense in interleaved rounds of one process:
 
     python -m benchmarks.budgets --threads 2 --budgets 8,12 32,48     # MiB: merge,curvature
+    python -m benchmarks.budgets --threads 1 --clock cpu --budgets 16,24 --cpu-kernels auto off
+
+`--cpu-kernels off` runs the curvature's mode products on PyTorch's GEMMs instead of the compiled
+kernel (`camex.kernels.cpu_kron`, used on one thread): its speed-up measured side by side.
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ def budget_pair(text: str) -> tuple[int, int]:
     return tile, block
 
 
-def under_budget(step, tile_mib: int, block_mib: int):
-    """`step` run with these budgets (module constants, read at every call)."""
+def under_budget(step, tile_mib: int, block_mib: int, kernels: str = "auto"):
+    """`step` run with these budgets and CPU kernel setting (module constants, read at every call)."""
 
     def run() -> None:
         merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES = tile_mib * MIB, block_mib * MIB
+        curvature.CPU_KERNELS = None if kernels == "auto" else False
         step()
 
     return run
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shape", default="t5", choices=list(layer.SHAPES))
     p.add_argument("--cases", nargs="+", default=["euclid", "camex_r1"], choices=list(layer.VARIANTS))
     p.add_argument("--budgets", nargs="+", type=budget_pair, default=[(8, 12), (32, 48)], help="MiB: merge,curvature")
+    p.add_argument("--cpu-kernels", nargs="+", default=["auto"], choices=["auto", "off"],
+                   help="auto: the compiled mode products where they apply; off: PyTorch's GEMMs")  # fmt: skip
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -74,13 +82,16 @@ def main(argv: list[str] | None = None) -> dict:
     cases = [dense]
     for name in args.cases:
         step = layer.train_step(layer.build_module(name, shape).train(), x, grad_y)
-        cases += [Case(f"{name} {t},{b}", under_budget(step, t, b), info={"case": name, "tile_mib": t, "block_mib": b})
-                  for t, b in args.budgets]  # fmt: skip
-    kept = merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES
+        for t, b in args.budgets:
+            for kernels in args.cpu_kernels:
+                label = f"{name} {t},{b}" + ("" if kernels == "auto" else f" kernels {kernels}")
+                info = {"case": name, "tile_mib": t, "block_mib": b, "cpu_kernels": kernels}
+                cases.append(Case(label, under_budget(step, t, b, kernels), info=info))
+    kept = merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES, curvature.CPU_KERNELS
     try:
         time_cases(cases, torch.device("cpu"), warmup=args.warmup, repeats=args.repeats)
     finally:
-        merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES = kept
+        merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES, curvature.CPU_KERNELS = kept
     rows = {c.name: {**c.info, "median_ms": c.median_ms, "times_ms": c.times_ms, "x_dense_time": round_ratio(c, dense)}
             for c in cases}  # fmt: skip
     settings = {"shape": shape.name, "clock": args.clock, "host_memory": args.host_memory,
@@ -91,9 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": settings,
         "cases": rows,
     }
-    table = [[name, row.get("tile_mib"), row.get("block_mib"), row["median_ms"], row["x_dense_time"]]
-             for name, row in rows.items()]  # fmt: skip
-    print(markdown_table(["case", "tile MiB", "block MiB", "fwd+bwd ms", "× dense"], table) + "\n", flush=True)
+    table = [[name, row.get("tile_mib"), row.get("block_mib"), row.get("cpu_kernels"), row["median_ms"],
+              row["x_dense_time"]] for name, row in rows.items()]  # fmt: skip
+    header = ["case", "tile MiB", "block MiB", "CPU kernels", "fwd+bwd ms", "× dense"]
+    print(markdown_table(header, table) + "\n", flush=True)
     return save(result, args.out, "budgets_cpu.json")
 
 

@@ -18,7 +18,7 @@ from benchmarks import eval as eval_bench  # noqa: E402
 from benchmarks import layer as layer_bench  # noqa: E402
 from benchmarks import model as model_bench  # noqa: E402
 from camex import list_variants, tracking  # noqa: E402
-from camex.merging import curvature, merge, nearest_factors  # noqa: E402
+from camex.merging import curvature, kronecker_apply, merge, nearest_factors  # noqa: E402
 
 
 @pytest.fixture
@@ -218,6 +218,40 @@ def test_the_budgets_benchmark_runs_each_case_under_each_budget_and_restores_the
     mib = 2**20
     assert seen == [(1 * mib, 2 * mib), (3 * mib, 4 * mib)] * 2  # one forward per (case, budget), in order
     assert (merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES) == kept
+
+
+def test_the_budgets_benchmark_times_cpu_kernels_on_and_off_and_restores_them(tmp_path, one_thread, monkeypatch):
+    seen = []
+    build = budgets_bench.layer.build_module
+
+    def spy(name, shape):  # record the kernel setting each merged case's forward runs under
+        module = build(name, shape)
+        if name != "dense":
+            module.register_forward_pre_hook(lambda *_: seen.append(curvature.CPU_KERNELS))
+        return module
+
+    monkeypatch.setattr(budgets_bench.layer, "build_module", spy)
+    out = tmp_path / "budgets.json"
+    budgets_bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--budgets", "1,2", "--cases", "camex_r1",
+                        "--cpu-kernels", "auto", "off", "--threads", "1", "--out", str(out)])  # fmt: skip
+    cases = json.loads(out.read_text())["cases"]
+    assert list(cases) == ["dense", "camex_r1 1,2", "camex_r1 1,2 kernels off"]
+    assert [cases[k]["cpu_kernels"] for k in list(cases)[1:]] == ["auto", "off"]
+    assert seen == [None, False]
+    assert curvature.CPU_KERNELS is None
+
+
+def test_flop_counts_see_the_products_the_cpu_kernel_runs(one_thread):
+    """The compiled kernel runs outside PyTorch's dispatcher; the count takes PyTorch's GEMMs."""
+    from camex.kernels import cpu_kron
+
+    if not cpu_kron.available():
+        pytest.skip("no compiled CPU kernel here")
+    torch.set_num_threads(1)  # where the kernel runs
+    tau = torch.randn(2, 12, 6, requires_grad=True)
+    factors = [torch.eye(d).expand(1, 2, d, d).clone() for d in (3, 4, 2, 3)]
+    gflop = common.matmul_gflop(lambda: kronecker_apply(tau, factors).sum().backward())
+    assert gflop * 1e9 == pytest.approx(2 * 2 * 12 * 6 * (3 + 4 + 2 + 3) * 2)  # forward + ∂τ: 4 modes each
 
 
 def test_the_budgets_benchmark_refuses_a_malformed_budget_in_one_line(capsys):

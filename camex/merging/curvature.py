@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from camex.kernels import cpu_kron
 from camex.kernels import kronecker as kernels
 from camex.kernels.kronecker import kronecker_triton
 from camex.merging import workspace
@@ -50,13 +51,17 @@ def _mode_into(
 ) -> torch.Tensor:
     """`out (+)= alpha · (f ×_k x)`: multiply `f` `[n, d, d]` into mode `k` of `x` `[n, d_0, ..., d_{m-1}]`.
 
-    `x` and `out` are contiguous and distinct. An outer mode is one `baddbmm` on views (the
+    `x` and `out` are contiguous and distinct. On one CPU thread, fp32, the compiled kernel runs
+    (`_cpu_kernel`). Otherwise an outer mode is one `baddbmm` on views (the
     accumulation and `alpha` ride on the GEMM); an inner mode is one GEMM for all experts with
     each expert's factor copied over its outer rows where that copy is small (`_batch_inner`),
     else one GEMM per expert with the factor broadcast (batch stride 0), so `x` is never copied.
     """
     n, dims = x.shape[0], x.shape[1:]
     d, beta = dims[k], 1.0 if accumulate else 0.0
+    if _cpu_kernel(x, f, out):
+        cpu_kron.mode_into(x, f, k, out, alpha=alpha, beta=beta)
+        return out
     if k == 0:
         o = out.view(n, d, -1)
         torch.baddbmm(o, f, x.view(n, d, -1), beta=beta, alpha=alpha, out=o)
@@ -77,6 +82,21 @@ def _mode_into(
     for i in range(n):
         torch.bmm(f[i].expand(pre, d, d), xv[i], out=ov[i])
     return out
+
+
+# The compiled CPU mode products (`camex.kernels.cpu_kron`): None uses them for fp32 CPU tensors
+# whenever they built here and PyTorch runs on one thread (they are single-threaded: on more
+# threads PyTorch's parallel GEMMs are the faster choice); False keeps PyTorch's GEMMs everywhere
+# (the reference the tests pin them to). Measured on T5-base's FFN shape: docs/benchmarks.md.
+CPU_KERNELS: bool | None = None
+
+
+def _cpu_kernel(x: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> bool:
+    if CPU_KERNELS is False or x.device.type != "cpu" or torch.get_num_threads() != 1:
+        return False
+    if not (x.dtype == f.dtype == out.dtype == torch.float32 and x.is_contiguous() and out.is_contiguous()):
+        return False
+    return cpu_kron.available()
 
 
 # An inner-mode product or contraction runs as one GEMM over all experts (one parallel region

@@ -1,0 +1,126 @@
+"""The compiled CPU mode products (`camex/kernels/cpu_kron.c`) against PyTorch's GEMM path.
+
+Each comparison runs the same fp32 operands through the kernel and through `_mode_into`'s
+PyTorch branch (`curvature.CPU_KERNELS = False`), on shapes that exercise every edge of the
+kernel: rows not a multiple of its 6-row tile, columns not a multiple of 16 or 8, the last mode
+(one column per row), transposed factors, accumulation and scaling.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from camex.kernels import cpu_kron
+from camex.merging import curvature, kronecker_apply
+
+pytestmark = pytest.mark.skipif(not cpu_kron.available(), reason="no C compiler or no AVX2/FMA CPU here")
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _torch_path(monkeypatch, fn):
+    monkeypatch.setattr(curvature, "CPU_KERNELS", False)
+    try:
+        return fn()
+    finally:
+        monkeypatch.setattr(curvature, "CPU_KERNELS", None)
+
+
+SHAPES = [(5, 7, 9, 3), (6, 16, 8, 17), (1, 13, 1, 40), (12, 20), (24, 32), (48, 64, 24, 32)]
+
+
+@pytest.mark.parametrize("dims", SHAPES, ids=lambda d: "x".join(map(str, d)))
+@pytest.mark.parametrize("transposed", [False, True], ids=["f", "fT"])
+def test_every_mode_product_matches_the_pytorch_path(dims, transposed, one_thread, monkeypatch):
+    n = 3 if len(dims) == 2 or dims[0] < 48 else 2
+    x = _rand(n, *dims, seed=1)
+    calls = []
+    monkeypatch.setattr(cpu_kron, "mode_into", lambda *a, **k: calls.append(1) or _real(*a, **k))
+    for k, d in enumerate(dims):
+        f = _rand(n, d, d, seed=2 + k)
+        f = f.transpose(1, 2) if transposed else f
+        outer = k in (0, len(dims) - 1)
+        for alpha, accumulate in [(1.0, False)] + ([(-0.7, True), (2.5, False)] if outer else []):
+            start = _rand(n, *dims, seed=9)
+            product = functools.partial(curvature._mode_into, x, f, k, alpha=alpha, accumulate=accumulate)
+            got = product(start.clone())
+            want = _torch_path(monkeypatch, lambda product=product, start=start: product(start.clone()))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * d)
+    assert len(calls) == sum(3 if k in (0, len(dims) - 1) else 1 for k in range(len(dims)))
+
+
+_real = cpu_kron.mode_into
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("dims", [(5, 7, 9, 3), (48, 64, 24, 32), (6, 10)], ids=["odd", "t5-ffn", "bias"])
+@pytest.mark.parametrize("with_base", [False, True], ids=["tau", "around-base"])
+def test_kronecker_sum_forward_and_grads_match_the_pytorch_path(rank, dims, with_base, one_thread, monkeypatch):
+    """The whole curvature pass (forward, ∂τ, ∂base, every factor's gradient) on the kernel."""
+    n = 2 if dims[0] == 48 else 3
+    shape = (n, dims[0] * dims[1]) if len(dims) == 2 else (n, dims[0] * dims[1], dims[2] * dims[3])
+    base = _rand(*shape[1:], seed=11).requires_grad_() if with_base else None
+    tau = _rand(*shape, seed=1).requires_grad_()
+    factors = [(torch.eye(d) + 0.3 * _rand(rank, n, d, d, seed=2 + k)).requires_grad_() for k, d in enumerate(dims)]
+    weight = _rand(*shape, seed=9)
+    leaves = [tau, *factors] + ([base] if with_base else [])
+
+    def run():
+        out = kronecker_apply(tau, factors, scale=0.7, base=base)
+        return (out.detach(), *torch.autograd.grad((out * weight).sum(), leaves))
+
+    calls = []
+    monkeypatch.setattr(cpu_kron, "mode_into", lambda *a, **k: calls.append(1) or _real(*a, **k))
+    got = run()
+    assert calls, "the kernel did not run"
+    want = _torch_path(monkeypatch, run)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_more_threads_or_other_dtypes_keep_the_pytorch_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kron, "mode_into", lambda *a, **k: calls.append(1) or _real(*a, **k))
+    tau, factors = _rand(2, 6, 6, seed=1), [torch.eye(d).expand(1, 2, d, d) for d in (2, 3, 3, 2)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        kronecker_apply(tau, factors)
+        torch.set_num_threads(1)
+        kronecker_apply(tau.double(), [f.double() for f in factors])
+    finally:
+        torch.set_num_threads(before)
+    assert not calls
+
+
+@pytest.mark.parametrize("env", [{"CAMEX_CPU_KERNELS": "0"}, {"CC": "/bin/false"}], ids=["switched-off", "no-build"])
+def test_without_the_kernel_the_pytorch_path_runs(env, tmp_path):
+    """Switched off, or where the source cannot be compiled, `available()` is False and the
+    curvature still computes (a fresh cache, so the compiler is really called)."""
+    code = (
+        "import torch; from camex.kernels import cpu_kron; from camex.merging import kronecker_apply;"
+        "torch.set_num_threads(1); assert not cpu_kron.available();"
+        "x = torch.randn(2, 6, 6); f = [torch.eye(d).expand(1, 2, d, d) for d in (2, 3, 3, 2)];"
+        "torch.testing.assert_close(kronecker_apply(x, f), x); print('ok')"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing built, nothing half-written left
