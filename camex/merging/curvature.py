@@ -84,7 +84,7 @@ def _mode_into(
     return out
 
 
-# The compiled CPU mode products (`camex.kernels.cpu_kron`): None uses them for fp32 CPU tensors
+# The compiled CPU mode products and contractions (`camex.kernels.cpu_kron`): None uses them for fp32 CPU tensors
 # whenever they built here and PyTorch runs on one thread (they are single-threaded: on more
 # threads PyTorch's parallel GEMMs are the faster choice); False keeps PyTorch's GEMMs everywhere
 # (the reference the tests pin them to). Measured on T5-base's FFN shape: docs/benchmarks.md.
@@ -114,6 +114,9 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
     given the gradient `g` of its output (`out` `[n, d, d]`, indexed `[output row, input row]`)."""
     n, dims = g.shape[0], g.shape[1:]
     d = dims[k]
+    if k < len(dims) - 1 and _cpu_kernel(g, h, out) and h.is_contiguous():
+        cpu_kron.contract_into(g, h, k, out, alpha=alpha)
+        return
     if k == 0:
         torch.baddbmm(out, g.view(n, d, -1), h.view(n, d, -1).transpose(1, 2), beta=0.0, alpha=alpha, out=out)
     elif k == len(dims) - 1:
