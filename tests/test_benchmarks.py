@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import budgets as budgets_bench  # noqa: E402
 from benchmarks import common  # noqa: E402
+from benchmarks import cpu_kernels as kernels_bench  # noqa: E402
 from benchmarks import eval as eval_bench  # noqa: E402
 from benchmarks import layer as layer_bench  # noqa: E402
 from benchmarks import model as model_bench  # noqa: E402
@@ -238,6 +239,21 @@ def test_the_budgets_benchmark_times_cpu_kernels_on_and_off_and_restores_them(tm
     assert list(cases) == ["dense", "camex_r1 1,2", "camex_r1 1,2 kernels off"]
     assert [cases[k]["cpu_kernels"] for k in list(cases)[1:]] == ["auto", "off"]
     assert seen == [None, False]
+    assert curvature.CPU_KERNELS is None
+
+
+def test_the_cpu_kernels_benchmark_times_every_pass_both_ways(tmp_path, one_thread):
+    from camex.kernels import cpu_kron
+
+    if not cpu_kron.available():
+        pytest.skip("no compiled CPU kernel here")
+    out = tmp_path / "kernels.json"
+    kernels_bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["settings"]["dims"] == [4, 5, 3, 4]  # nearest_factors(20), nearest_factors(12)
+    assert len(data["passes"]) == 3 * 4  # per mode: product, transposed product, contraction
+    for row in data["passes"].values():
+        assert _positive(row["kernel_ms"]) and _positive(row["pytorch_ms"]) and _positive(row["speedup"])
     assert curvature.CPU_KERNELS is None
 
 
