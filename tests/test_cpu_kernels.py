@@ -27,8 +27,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_the_kernels_build_here():
+def test_the_kernels_build_here(tmp_path):
+    """Built from the source into an empty cache (not only found in this machine's cache)."""
     assert _WHY_NOT is None, _WHY_NOT
+    code = "from camex.kernels import cpu_kron; print(cpu_kron.why_unavailable())"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [f"cpu_kron_{cpu_kron._tag()}.so"]
 
 
 @pytest.fixture

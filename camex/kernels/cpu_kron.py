@@ -42,6 +42,11 @@ def _cache_dir() -> Path:
     return Path(root) / "camex" / "kernels"
 
 
+def _tag() -> str:
+    """The build's name: the source and flags hashed, so an edited source is rebuilt."""
+    return hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+
+
 def _compile(cc: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # built under a temporary name and renamed: concurrent first uses (test workers, sweep
@@ -63,8 +68,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None, "no C compiler (set CC)"
-    tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kron_{tag}.so"
+    target = _cache_dir() / f"cpu_kron_{_tag()}.so"
     try:
         if not target.exists():
             _compile(cc, target)
