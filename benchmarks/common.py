@@ -20,7 +20,6 @@ parameter gradients it creates included).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -37,7 +36,6 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop
 import torch  # noqa: E402
 
 from camex.host_memory import reuse_freed_memory  # noqa: E402
-from camex.merging import curvature  # noqa: E402
 from camex.tracking import git_commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -133,22 +131,9 @@ def matmul_gflop(run: Callable[[], object]) -> float:
     not counted). This is the work a case does, not a model of it: recomputations count."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, products_on_pytorch():
+    with FlopCounterMode(display=False) as counter:  # the compiled CPU kernels step aside under it
         run()
     return counter.get_total_flops() / 1e9
-
-
-@contextlib.contextmanager
-def products_on_pytorch():
-    """The compiled CPU mode products (`camex.kernels.cpu_kron`) run outside PyTorch's dispatcher,
-    where `FlopCounterMode` cannot see them: a counting run takes PyTorch's GEMMs, which execute
-    the same products."""
-    before = curvature.CPU_KERNELS
-    curvature.CPU_KERNELS = False
-    try:
-        yield
-    finally:
-        curvature.CPU_KERNELS = before
 
 
 def measure_flops(cases: list[Case]) -> None:

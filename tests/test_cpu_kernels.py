@@ -10,6 +10,7 @@ edges past the 8 x 8 transpose blocks.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def _torch_path(monkeypatch, fn):
         monkeypatch.setattr(curvature, "CPU_KERNELS", None)
 
 
-SHAPES = [(5, 7, 9, 3), (6, 16, 8, 17), (1, 13, 1, 40), (12, 20), (24, 32), (48, 64, 24, 32)]
+SHAPES = [(5, 7, 9, 3), (6, 16, 8, 17), (1, 13, 1, 40), (3, 5, 2, 1), (12, 20), (24, 32), (48, 64, 24, 32)]
 
 
 @pytest.mark.parametrize("dims", SHAPES, ids=lambda d: "x".join(map(str, d)))
@@ -85,7 +86,7 @@ _real = cpu_kron.mode_into
 
 @pytest.mark.parametrize("dims", SHAPES, ids=lambda d: "x".join(map(str, d)))
 def test_every_factor_gradient_matches_the_pytorch_path(dims, one_thread, monkeypatch):
-    """Contractions over every mode but one; the last mode's stays PyTorch's."""
+    """Contractions over every mode but one; where only size-1 modes follow, PyTorch's GEMM runs."""
     n = 3 if len(dims) == 2 or dims[0] < 48 else 2
     g, h = _rand(n, *dims, seed=1), _rand(n, *dims, seed=2)
     calls = []
@@ -96,7 +97,7 @@ def test_every_factor_gradient_matches_the_pytorch_path(dims, one_thread, monkey
         want = torch.empty(n, d, d)
         _torch_path(monkeypatch, lambda k=k, want=want: curvature._contract_into(g, h, k, want, alpha=-0.6))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * g[0].numel() ** 0.5)
-    assert len(calls) == len(dims) - 1
+    assert len(calls) == sum(math.prod(dims[k + 1 :]) > 1 for k in range(len(dims)))
 
 
 _real_contract = cpu_kron.contract_into
@@ -144,6 +145,25 @@ def test_more_threads_or_other_dtypes_keep_the_pytorch_path(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert not calls
+
+
+def test_a_flop_counter_sees_the_pytorch_path(one_thread, monkeypatch):
+    """Under a dispatch mode (FlopCounterMode: training logs FLOPs per token with it) the kernels
+    step aside, so the counter sees every product; outside it they run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = []
+    monkeypatch.setattr(cpu_kron, "mode_into", lambda *a, **k: calls.append(1) or _real(*a, **k))
+    tau = _rand(2, 12, 6, seed=1).requires_grad_()
+    factors = [torch.eye(d).expand(1, 2, d, d).clone().requires_grad_() for d in (3, 4, 2, 3)]
+    with FlopCounterMode(display=False) as counter:
+        kronecker_apply(tau, factors).sum().backward()
+    assert not calls
+    # each pass costs 2·numel·d: forward, the mode sizes 3+4+2+3 = 12; backward, the three recomputed
+    # partials (modes 3, 2, 1: 3+2+4), four contractions (12) and four transposed products (12)
+    assert counter.get_total_flops() == 2 * tau.numel() * (12 + 9 + 12 + 12)
+    kronecker_apply(tau, factors)
+    assert calls
 
 
 @pytest.mark.parametrize("env", [{"CAMEX_CPU_KERNELS": "0"}, {"CC": "/bin/false"}], ids=["switched-off", "no-build"])

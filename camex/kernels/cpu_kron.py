@@ -119,9 +119,9 @@ def mode_into(x: torch.Tensor, f: torch.Tensor, k: int, out: torch.Tensor, *, al
 
 def contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, *, alpha: float) -> None:
     """`out[i] = alpha · Σ g[i] h[i]` over every mode but `k`, for contiguous fp32 CPU `g`, `h`
-    `[n, d_0, ...]` and `out` `[n, d_k, d_k]`; `k` is not the last mode."""
+    `[n, d_0, ...]` and `out` `[n, d_k, d_k]`; the modes after `k` are not all of size 1."""
     n, pre, d, post = _split(g, k)
     if post == 1:
-        raise ValueError("cpu_kron.contract_into: the last mode's contraction is PyTorch's (one GEMM)")
+        raise ValueError("cpu_kron.contract_into: with nothing after mode k, the contraction is one GEMM: PyTorch's")
     if _lib.camex_contract(n, pre, d, post, g.data_ptr(), h.data_ptr(), out.data_ptr(), alpha):
         raise MemoryError(f"cpu_kron: no memory for a {d}-column scratch buffer")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from camex.kernels import cpu_kron
 from camex.kernels import kronecker as kernels
@@ -94,6 +95,8 @@ CPU_KERNELS: bool | None = None
 def _cpu_kernel(x: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> bool:
     if CPU_KERNELS is False or x.device.type != "cpu" or torch.get_num_threads() != 1:
         return False
+    if _get_current_dispatch_mode() is not None:  # FlopCounterMode, fake tensors: they must see the products
+        return False
     if not (x.dtype == f.dtype == out.dtype == torch.float32 and x.is_contiguous() and out.is_contiguous()):
         return False
     return cpu_kron.available()
@@ -114,7 +117,7 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
     given the gradient `g` of its output (`out` `[n, d, d]`, indexed `[output row, input row]`)."""
     n, dims = g.shape[0], g.shape[1:]
     d = dims[k]
-    if k < len(dims) - 1 and _cpu_kernel(g, h, out) and h.is_contiguous():
+    if math.prod(dims[k + 1 :]) > 1 and _cpu_kernel(g, h, out) and h.is_contiguous():  # the last mode: one GEMM
         cpu_kron.contract_into(g, h, k, out, alpha=alpha)
         return
     if k == 0:
