@@ -10,7 +10,7 @@ wait in. Each (case, budget) pair is timed with dense in interleaved rounds of o
     python -m benchmarks.budgets --threads 1 --clock cpu --budgets 16,24 --cpu-kernels auto off
 
 `--cpu-kernels off` runs the curvature's mode products on PyTorch's GEMMs instead of the compiled
-kernel (`camex.kernels.cpu_kron`, used on one thread): its speed-up measured side by side.
+kernel (`camex.kernels.cpu_kron`): its speed-up measured side by side.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every mode product (with the factor and with its transpose, as forward and backward use them)
 and every factor gradient (contraction) of one block of experts at a layer's mode sizes, timed
-in interleaved rounds of one process, on one thread (where the kernels run):
+in interleaved rounds of one process (`--threads N`: on N threads, wall clock):
 
     OMP_NUM_THREADS=1 python -m benchmarks.cpu_kernels --clock cpu      # T5-base FFN: [2, 48, 64, 24, 32]
 """
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_clock(p)
     add_host_memory(p)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu_kernels_cpu.json)")
-    p.set_defaults(device="cpu", threads=1)  # the kernels are single-threaded CPU code
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads: the kernels use as many")
+    p.set_defaults(device="cpu")
     args = p.parse_args(argv)
     apply_process_settings(args)
     if not cpu_kron.available():

@@ -46,6 +46,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def threads(request):
+    """One thread, and three: the work split across an OpenMP region (more threads than this
+    machine's cores is still a correct split)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def _rand(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -63,7 +73,7 @@ SHAPES = [(5, 7, 9, 3), (6, 16, 8, 17), (1, 13, 1, 40), (3, 5, 2, 1), (12, 20), 
 
 @pytest.mark.parametrize("dims", SHAPES, ids=lambda d: "x".join(map(str, d)))
 @pytest.mark.parametrize("transposed", [False, True], ids=["f", "fT"])
-def test_every_mode_product_matches_the_pytorch_path(dims, transposed, one_thread, monkeypatch):
+def test_every_mode_product_matches_the_pytorch_path(dims, transposed, threads, monkeypatch):
     n = 3 if len(dims) == 2 or dims[0] < 48 else 2
     x = _rand(n, *dims, seed=1)
     calls = []
@@ -85,7 +95,7 @@ _real = cpu_kron.mode_into
 
 
 @pytest.mark.parametrize("dims", SHAPES, ids=lambda d: "x".join(map(str, d)))
-def test_every_factor_gradient_matches_the_pytorch_path(dims, one_thread, monkeypatch):
+def test_every_factor_gradient_matches_the_pytorch_path(dims, threads, monkeypatch):
     """Contractions over every mode but one; where only size-1 modes follow, PyTorch's GEMM runs."""
     n = 3 if len(dims) == 2 or dims[0] < 48 else 2
     g, h = _rand(n, *dims, seed=1), _rand(n, *dims, seed=2)
@@ -106,7 +116,7 @@ _real_contract = cpu_kron.contract_into
 @pytest.mark.parametrize("rank", [1, 3])
 @pytest.mark.parametrize("dims", [(5, 7, 9, 3), (48, 64, 24, 32), (6, 10)], ids=["odd", "t5-ffn", "bias"])
 @pytest.mark.parametrize("with_base", [False, True], ids=["tau", "around-base"])
-def test_kronecker_sum_forward_and_grads_match_the_pytorch_path(rank, dims, with_base, one_thread, monkeypatch):
+def test_kronecker_sum_forward_and_grads_match_the_pytorch_path(rank, dims, with_base, threads, monkeypatch):
     """The whole curvature pass (forward, ∂τ, ∂base, every factor's gradient) on the kernel."""
     n = 2 if dims[0] == 48 else 3
     shape = (n, dims[0] * dims[1]) if len(dims) == 2 else (n, dims[0] * dims[1], dims[2] * dims[3])
@@ -121,29 +131,24 @@ def test_kronecker_sum_forward_and_grads_match_the_pytorch_path(rank, dims, with
         return (out.detach(), *torch.autograd.grad((out * weight).sum(), leaves))
 
     calls = []
-    monkeypatch.setattr(cpu_kron, "mode_into", lambda *a, **k: calls.append("mode") or _real(*a, **k))
-    monkeypatch.setattr(cpu_kron, "contract_into", lambda *a, **k: calls.append("contract") or _real_contract(*a, **k))
+    monkeypatch.setattr(cpu_kron, "mode_into", lambda *a, **k: calls.append(("mode", k["threads"])) or _real(*a, **k))
+    monkeypatch.setattr(
+        cpu_kron, "contract_into", lambda *a, **k: calls.append(("contract", k["threads"])) or _real_contract(*a, **k)
+    )
     got = run()
-    assert {"mode", "contract"} <= set(calls), "the kernels did not run"
+    assert set(calls) == {("mode", threads), ("contract", threads)}, "the kernels did not run on every thread"
     want = _torch_path(monkeypatch, run)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_more_threads_or_other_dtypes_keep_the_pytorch_path(monkeypatch):
+def test_other_dtypes_keep_the_pytorch_path(one_thread, monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_kron, "mode_into", lambda *a, **k: calls.append(1) or _real(*a, **k))
     monkeypatch.setattr(cpu_kron, "contract_into", lambda *a, **k: calls.append(1) or _real_contract(*a, **k))
-    tau = _rand(2, 6, 6, seed=1).requires_grad_()
-    factors = [torch.eye(d).expand(1, 2, d, d).clone().requires_grad_() for d in (2, 3, 3, 2)]
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        kronecker_apply(tau, factors).sum().backward()
-        torch.set_num_threads(1)
-        kronecker_apply(tau.double(), [f.double() for f in factors]).sum().backward()
-    finally:
-        torch.set_num_threads(before)
+    tau = _rand(2, 6, 6, seed=1).double().requires_grad_()
+    factors = [torch.eye(d, dtype=torch.float64).expand(1, 2, d, d).clone().requires_grad_() for d in (2, 3, 3, 2)]
+    kronecker_apply(tau, factors).sum().backward()
     assert not calls
 
 

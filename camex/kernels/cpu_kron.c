@@ -9,10 +9,11 @@
  * but one) transposes chunks of one operand in 8 x 8 register blocks and reuses the same tile; for
  * the last mode PyTorch's GEMM is as fast (measured 0.83-1.36x) and is kept.
  *
- * Built at first use by camex/kernels/cpu_kron.py (gcc -O3 -mavx2 -mfma); fp32, single-threaded,
+ * Built at first use by camex/kernels/cpu_kron.py (gcc -O3 -mavx2 -mfma -fopenmp); fp32, threaded,
  * row-major, every leading dimension in elements.
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,30 +128,89 @@ static void gemm(int M, int N, int K, const float *A, long rsa, long csa, const 
     }
 }
 
+/* Work split across threads: items [0, items) cut into `threads` contiguous ranges, one per
+ * thread of an OpenMP parallel region. Loaded into a process that has imported PyTorch, this
+ * library shares PyTorch's OpenMP runtime (the same libgomp.so.1), so its regions run on the
+ * threads PyTorch's own regions use: no second pool competes with them for the cores. */
+typedef void (*work_fn)(void *ctx, int thread, long start, long end);
+
+static int split_threads(int threads, long items) {
+    if (threads > items) threads = (int)items;
+    return threads < 1 ? 1 : threads;
+}
+
+static void parallel(int threads, long items, work_fn fn, void *ctx) {
+    if (threads == 1) {
+        fn(ctx, 0, 0, items);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), got = omp_get_num_threads(); /* the runtime may give fewer */
+        fn(ctx, t, items * t / got, items * (t + 1) / got);
+    }
+}
+
+typedef struct {
+    long pre, post, slab, chunk, chunks;
+    int d;
+    const float *F, *X, *ft;
+    long fn, fi, fj;
+    float *Y;
+    float alpha, beta;
+} mode_job;
+
+#define ROWS 1536 /* rows of the last mode's product per work item (a multiple of the 6-row tile) */
+
+static void mode_last_items(void *p, int thread, long start, long end) { /* item = (expert, row chunk) */
+    mode_job *j = p;
+    (void)thread;
+    for (long it = start; it < end; it++) {
+        long e = it / j->chunks, r0 = (it % j->chunks) * ROWS;
+        int rows = j->pre - r0 < ROWS ? (int)(j->pre - r0) : ROWS;
+        long off = e * j->slab + r0 * j->d;
+        gemm(rows, j->d, j->d, j->X + off, j->d, 1, j->ft + e * j->d * j->d, j->d, j->Y + off, j->d, j->alpha, j->beta);
+    }
+}
+
+static void mode_items(void *p, int thread, long start, long end) { /* item = (expert, row, column chunk) */
+    mode_job *j = p;
+    (void)thread;
+    for (long it = start; it < end; it++) {
+        long c0 = (it % j->chunks) * j->chunk, rest = it / j->chunks, a = rest % j->pre, e = rest / j->pre;
+        int cols = j->post - c0 < j->chunk ? (int)(j->post - c0) : (int)j->chunk;
+        long off = e * j->slab + a * j->d * j->post + c0;
+        gemm(j->d, cols, j->d, j->F + e * j->fn, j->fi, j->fj, j->X + off, j->post, j->Y + off, j->post, j->alpha,
+             j->beta);
+    }
+}
+
 /* Mode product for n experts: Y[e, a, i, b] = beta * Y + alpha * sum_j F[e, i, j] X[e, a, j, b].
  * X and Y are contiguous [n, pre, d, post]; F[e] is read at e*fn + i*fi + j*fj (a transposed
- * factor is the same memory with fi and fj swapped). Returns 0, or -1 where a d x d buffer could not
- * be allocated. */
+ * factor is the same memory with fi and fj swapped); `threads` POSIX threads share the work.
+ * Returns 0, or -1 where a buffer could not be allocated. */
 int camex_mode(int n, long pre, int d, long post, const float *F, long fn, long fi, long fj, const float *X,
-               float *Y, float alpha, float beta) {
-    long slab = pre * d * post;
-    if (post == 1) { /* last mode: Y[e] = X[e] (pre x d) @ F[e]^T, with F^T copied row-major */
-        float *ft = malloc(sizeof(float) * d * d);
+               float *Y, float alpha, float beta, int threads) {
+    mode_job job = {pre, post, pre * d * post, 0, 1, d, F, X, NULL, fn, fi, fj, Y, alpha, beta};
+    if (post == 1) { /* last mode: Y[e] = X[e] (pre x d) @ F[e]^T, with every F^T copied row-major */
+        float *ft = malloc(sizeof(float) * n * d * d);
         if (ft == NULL) return -1;
-        for (int e = 0; e < n; e++) {
-            const float *f = F + e * fn;
+        for (int e = 0; e < n; e++)
             for (int j = 0; j < d; j++)
-                for (int i = 0; i < d; i++) ft[j * d + i] = f[i * fi + j * fj];
-            gemm((int)pre, d, d, X + e * slab, d, 1, ft, d, Y + e * slab, d, alpha, beta);
-        }
+                for (int i = 0; i < d; i++) ft[((long)e * d + j) * d + i] = F[e * fn + i * fi + j * fj];
+        job.ft = ft;
+        job.chunks = (pre + ROWS - 1) / ROWS;
+        long items = n * job.chunks;
+        parallel(split_threads(threads, items), items, mode_last_items, &job);
         free(ft);
         return 0;
     }
-    for (int e = 0; e < n; e++)
-        for (long a = 0; a < pre; a++) {
-            long off = e * slab + a * d * post;
-            gemm(d, (int)post, d, F + e * fn, fi, fj, X + off, post, Y + off, post, alpha, beta);
-        }
+    /* few rows (the first mode): columns are cut into chunks too, so that every thread has work */
+    job.chunk = pre * n >= 4L * threads || threads == 1 ? post : ((post / (4L * threads) + NC - 1) / NC) * NC;
+    if (job.chunk < NC) job.chunk = NC;
+    job.chunks = (post + job.chunk - 1) / job.chunk;
+    long items = n * pre * job.chunks;
+    parallel(split_threads(threads, items), items, mode_items, &job);
     return 0;
 }
 
@@ -188,26 +248,54 @@ static void transpose(int rows, int cols, const float *src, long lds, float *dst
         for (int c = r < r8 ? c8 : 0; c < cols; c++) dst[(long)c * ldd + r] = src[(long)r * lds + c];
 }
 
+typedef struct {
+    long pre, post, slab, chunks;
+    int n, d;
+    const float *Gr, *H;
+    float *partial, *scratch; /* per thread: n*d*d partial sums, KC*d scratch */
+    float alpha;
+} contract_job;
+
+static void contract_items(void *p, int thread, long start, long end) { /* item = (expert, row, chunk) */
+    contract_job *j = p;
+    int d = j->d;
+    float *scratch = j->scratch + (long)thread * KC * d, *partial = j->partial + (long)thread * j->n * d * d;
+    for (long it = start; it < end; it++) {
+        long k = (it % j->chunks) * KC, rest = it / j->chunks, a = rest % j->pre, e = rest / j->pre;
+        int kc = j->post - k < KC ? (int)(j->post - k) : KC;
+        const float *ga = j->Gr + e * j->slab + a * d * j->post, *ha = j->H + e * j->slab + a * d * j->post;
+        transpose(d, kc, ha + k, j->post, scratch, d); /* scratch[b, j] = H[a, j, k + b] */
+        gemm(d, d, kc, ga + k, j->post, 1, scratch, d, partial + e * d * d, d, j->alpha, 1.0f);
+    }
+}
+
 /* Factor gradient for n experts: G[e, i, j] = alpha * sum_{a, b} Gr[e, a, i, b] H[e, a, j, b]
  * (G contiguous [n, d, d], overwritten; Gr and H contiguous [n, pre, d, post], post > 1). The
  * reduced dimension b is cut into chunks; H's chunk is transposed into a scratch buffer so that
- * its rows run along j, and the chunk's product accumulates into G on the same register tile.
- * Returns 0, or -1 where the scratch buffer could not be allocated. */
-int camex_contract(int n, long pre, int d, long post, const float *Gr, const float *H, float *G, float alpha) {
-    long slab = pre * d * post;
-    float *scratch = malloc(sizeof(float) * KC * d);
-    if (scratch == NULL) return -1;
-    for (int e = 0; e < n; e++) {
-        float *g = G + (long)e * d * d;
-        memset(g, 0, sizeof(float) * d * d);
-        for (long a = 0; a < pre; a++) {
-            const float *ga = Gr + e * slab + a * d * post, *ha = H + e * slab + a * d * post;
-            for (long k = 0; k < post; k += KC) {
-                int kc = post - k < KC ? (int)(post - k) : KC;
-                transpose(d, kc, ha + k, post, scratch, d); /* scratch[b, j] = H[a, j, k + b] */
-                gemm(d, d, kc, ga + k, post, 1, scratch, d, g, d, alpha, 1.0f);
-            }
+ * its rows run along j, and the chunk's product accumulates on the same register tile into the
+ * thread's partial sums (G itself on one thread), added up at the end. Returns 0, or -1 where a
+ * buffer could not be allocated. */
+int camex_contract(int n, long pre, int d, long post, const float *Gr, const float *H, float *G, float alpha,
+                   int threads) {
+    long chunks = (post + KC - 1) / KC, items = n * pre * chunks, size = (long)n * d * d;
+    threads = split_threads(threads, items);
+    float *scratch = malloc(sizeof(float) * KC * d * threads);
+    float *partial = threads == 1 ? G : calloc((size_t)size * threads, sizeof(float));
+    if (scratch == NULL || partial == NULL) {
+        free(scratch);
+        if (partial != G) free(partial);
+        return -1;
+    }
+    if (threads == 1) memset(G, 0, sizeof(float) * size);
+    contract_job job = {pre, post, pre * d * post, chunks, n, d, Gr, H, partial, scratch, alpha};
+    parallel(threads, items, contract_items, &job);
+    if (threads > 1) {
+        for (long i = 0; i < size; i++) {
+            float sum = 0.0f;
+            for (int t = 0; t < threads; t++) sum += partial[t * size + i];
+            G[i] = sum;
         }
+        free(partial);
     }
     free(scratch);
     return 0;

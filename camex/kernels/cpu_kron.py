@@ -4,8 +4,9 @@ The C source is compiled at first use with the system's C compiler (`CC`, else `
 FMA, into a per-user cache keyed by the source's hash, and called through `ctypes` on the
 tensors' memory. Where there is no compiler, no AVX2/FMA CPU, or `CAMEX_CPU_KERNELS=0`,
 `available()` is False and the PyTorch GEMM path runs instead (it is also the reference the tests
-pin these kernels to). fp32 only; single-threaded: `camex.merging.curvature` calls them only when
-PyTorch runs on one thread.
+pin these kernels to). fp32 only. They run on PyTorch's thread count, in OpenMP regions of the
+OpenMP runtime PyTorch has loaded (built with `-fopenmp`, the library binds to the `libgomp.so.1`
+already in the process), so they share PyTorch's threads instead of competing with them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("cpu_kron.c")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-std=c99"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-std=c99", "-fopenmp"]
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None  # why the kernels are unavailable, once tried
 _tried = False
@@ -78,9 +79,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     except OSError as e:
         return None, f"build or load failed: {e}"
     c_long, c_int, c_float, ptr = ctypes.c_long, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    lib.camex_mode.argtypes = [c_int, c_long, c_int, c_long, ptr, c_long, c_long, c_long, ptr, ptr, c_float, c_float]
+    lib.camex_mode.argtypes = [c_int, c_long, c_int, c_long, ptr, c_long, c_long, c_long, ptr, ptr, c_float, c_float,
+                               c_int]  # fmt: skip
     lib.camex_mode.restype = c_int
-    lib.camex_contract.argtypes = [c_int, c_long, c_int, c_long, ptr, ptr, ptr, c_float]
+    lib.camex_contract.argtypes = [c_int, c_long, c_int, c_long, ptr, ptr, ptr, c_float, c_int]
     lib.camex_contract.restype = c_int
     return lib, None
 
@@ -107,21 +109,25 @@ def _split(x: torch.Tensor, k: int) -> tuple[int, int, int, int]:
     return n, math.prod(dims[:k]), dims[k], math.prod(dims[k + 1 :])
 
 
-def mode_into(x: torch.Tensor, f: torch.Tensor, k: int, out: torch.Tensor, *, alpha: float, beta: float) -> None:
+def mode_into(
+    x: torch.Tensor, f: torch.Tensor, k: int, out: torch.Tensor, *, alpha: float, beta: float, threads: int = 1
+) -> None:
     """`out = beta·out + alpha·(f ×_k x)` for contiguous fp32 CPU `x`, `out` `[n, d_0, ...]` and
-    `f` `[n, d_k, d_k]` (any strides: a transposed factor is read in place)."""
+    `f` `[n, d_k, d_k]` (any strides: a transposed factor is read in place), on `threads` threads."""
     n, pre, d, post = _split(x, k)
     status = _lib.camex_mode(n, pre, d, post, f.data_ptr(), f.stride(0), f.stride(1), f.stride(2),
-                             x.data_ptr(), out.data_ptr(), alpha, beta)  # fmt: skip
+                             x.data_ptr(), out.data_ptr(), alpha, beta, threads)  # fmt: skip
     if status:
         raise MemoryError(f"cpu_kron: no memory for a {d}x{d} factor buffer")
 
 
-def contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, *, alpha: float) -> None:
+def contract_into(
+    g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, *, alpha: float, threads: int = 1
+) -> None:
     """`out[i] = alpha · Σ g[i] h[i]` over every mode but `k`, for contiguous fp32 CPU `g`, `h`
     `[n, d_0, ...]` and `out` `[n, d_k, d_k]`; the modes after `k` are not all of size 1."""
     n, pre, d, post = _split(g, k)
     if post == 1:
         raise ValueError("cpu_kron.contract_into: with nothing after mode k, the contraction is one GEMM: PyTorch's")
-    if _lib.camex_contract(n, pre, d, post, g.data_ptr(), h.data_ptr(), out.data_ptr(), alpha):
-        raise MemoryError(f"cpu_kron: no memory for a {d}-column scratch buffer")
+    if _lib.camex_contract(n, pre, d, post, g.data_ptr(), h.data_ptr(), out.data_ptr(), alpha, threads):
+        raise MemoryError(f"cpu_kron: no memory for {threads} thread(s)' {d}-column buffers")

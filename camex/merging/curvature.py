@@ -52,7 +52,7 @@ def _mode_into(
 ) -> torch.Tensor:
     """`out (+)= alpha · (f ×_k x)`: multiply `f` `[n, d, d]` into mode `k` of `x` `[n, d_0, ..., d_{m-1}]`.
 
-    `x` and `out` are contiguous and distinct. On one CPU thread, fp32, the compiled kernel runs
+    `x` and `out` are contiguous and distinct. On the CPU in fp32 the compiled kernel runs
     (`_cpu_kernel`). Otherwise an outer mode is one `baddbmm` on views (the
     accumulation and `alpha` ride on the GEMM); an inner mode is one GEMM for all experts with
     each expert's factor copied over its outer rows where that copy is small (`_batch_inner`),
@@ -61,7 +61,7 @@ def _mode_into(
     n, dims = x.shape[0], x.shape[1:]
     d, beta = dims[k], 1.0 if accumulate else 0.0
     if _cpu_kernel(x, f, out):
-        cpu_kron.mode_into(x, f, k, out, alpha=alpha, beta=beta)
+        cpu_kron.mode_into(x, f, k, out, alpha=alpha, beta=beta, threads=torch.get_num_threads())
         return out
     if k == 0:
         o = out.view(n, d, -1)
@@ -85,15 +85,14 @@ def _mode_into(
     return out
 
 
-# The compiled CPU mode products and contractions (`camex.kernels.cpu_kron`): None uses them for fp32 CPU tensors
-# whenever they built here and PyTorch runs on one thread (they are single-threaded: on more
-# threads PyTorch's parallel GEMMs are the faster choice); False keeps PyTorch's GEMMs everywhere
-# (the reference the tests pin them to). Measured on T5-base's FFN shape: docs/benchmarks.md.
+# The compiled CPU mode products and contractions (`camex.kernels.cpu_kron`): None uses them for
+# fp32 CPU tensors whenever they built here, on PyTorch's thread count; False keeps PyTorch's GEMMs
+# everywhere (the reference the tests pin them to). Measured: docs/benchmarks.md.
 CPU_KERNELS: bool | None = None
 
 
 def _cpu_kernel(x: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> bool:
-    if CPU_KERNELS is False or x.device.type != "cpu" or torch.get_num_threads() != 1:
+    if CPU_KERNELS is False or x.device.type != "cpu":
         return False
     if _get_current_dispatch_mode() is not None:  # FlopCounterMode, fake tensors: they must see the products
         return False
@@ -118,7 +117,7 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
     n, dims = g.shape[0], g.shape[1:]
     d = dims[k]
     if math.prod(dims[k + 1 :]) > 1 and _cpu_kernel(g, h, out) and h.is_contiguous():  # the last mode: one GEMM
-        cpu_kron.contract_into(g, h, k, out, alpha=alpha)
+        cpu_kron.contract_into(g, h, k, out, alpha=alpha, threads=torch.get_num_threads())
         return
     if k == 0:
         torch.baddbmm(out, g.view(n, d, -1), h.view(n, d, -1).transpose(1, 2), beta=0.0, alpha=alpha, out=out)
