@@ -186,3 +186,10 @@ def test_without_the_kernel_the_pytorch_path_runs(env, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing built, nothing half-written left
+
+
+def test_an_install_without_the_source_falls_back(monkeypatch, tmp_path):
+    """A package installed without `cpu_kron.c` says so instead of failing at import or first use."""
+    monkeypatch.setattr(cpu_kron, "_SOURCE", tmp_path / "missing.c")
+    lib, why = cpu_kron._load()
+    assert lib is None and why.startswith("build failed") and "missing.c" in why

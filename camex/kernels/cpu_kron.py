@@ -69,6 +69,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None, "no C compiler (set CC)"
+    if not _SOURCE.is_file():
+        return None, f"build failed: the source {_SOURCE} is not installed"
     target = _cache_dir() / f"cpu_kron_{_tag()}.so"
     try:
         if not target.exists():
