@@ -120,7 +120,7 @@ def mode_into(
     status = _lib.camex_mode(n, pre, d, post, f.data_ptr(), f.stride(0), f.stride(1), f.stride(2),
                              x.data_ptr(), out.data_ptr(), alpha, beta, threads)  # fmt: skip
     if status:
-        raise MemoryError(f"cpu_kron: no memory for a {d}x{d} factor buffer")
+        raise MemoryError(f"cpu_kron: no memory for {n} transposed {d}x{d} factors")
 
 
 def contract_into(

@@ -94,7 +94,7 @@ CPU_KERNELS: bool | None = None
 def _cpu_kernel(x: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> bool:
     if CPU_KERNELS is False or x.device.type != "cpu":
         return False
-    if _get_current_dispatch_mode() is not None:  # FlopCounterMode, fake tensors: they must see the products
+    if _get_current_dispatch_mode() is not None:  # a dispatch mode (FlopCounterMode) must see every product
         return False
     if not (x.dtype == f.dtype == out.dtype == torch.float32 and x.is_contiguous() and out.is_contiguous()):
         return False
