@@ -1,5 +1,5 @@
 """CPU work budgets of the merged layers, side by side: every merged case at every budget pair,
-with and without the compiled CPU mode products.
+with and without the compiled CPU kernels.
 
 The merged linear builds its weights a tile of output rows at a time (`merge.CPU_BLOCK_BYTES`) and
 the curvature walks blocks of experts (`curvature.CPU_BLOCK_BYTES`). Smaller budgets keep a tile in
@@ -9,8 +9,9 @@ wait in. Each (case, budget) pair is timed with dense in interleaved rounds of o
     python -m benchmarks.budgets --threads 2 --budgets 8,12 32,48     # MiB: merge,curvature
     python -m benchmarks.budgets --threads 1 --clock cpu --budgets 16,24 --cpu-kernels auto off
 
-`--cpu-kernels off` runs the curvature's mode products on PyTorch's GEMMs instead of the compiled
-kernel (`camex.kernels.cpu_kron`): its speed-up measured side by side.
+`--cpu-kernels` chooses the compiled CPU kernels per case, side by side: `auto` all of them,
+`curvature` only the curvature's mode products and contractions (`camex.kernels.cpu_kron`; the
+merged linear's merge and reductions on PyTorch's ops), `off` none (PyTorch's GEMMs throughout).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def under_budget(step, tile_mib: int, block_mib: int, kernels: str = "auto"):
 
     def run() -> None:
         merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES = tile_mib * MIB, block_mib * MIB
-        curvature.CPU_KERNELS = None if kernels == "auto" else False
+        curvature.CPU_KERNELS = None if kernels in ("auto", "curvature") else False
+        merge.CPU_KERNELS = None if kernels == "auto" else False  # the merge and its reductions (cpu_merge)
         step()
 
     return run
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shape", default="t5", choices=list(layer.SHAPES))
     p.add_argument("--cases", nargs="+", default=["euclid", "camex_r1"], choices=list(layer.VARIANTS))
     p.add_argument("--budgets", nargs="+", type=budget_pair, default=[(8, 12), (32, 48)], help="MiB: merge,curvature")
-    p.add_argument("--cpu-kernels", nargs="+", default=["auto"], choices=["auto", "off"],
-                   help="auto: the compiled mode products where they apply; off: PyTorch's GEMMs")  # fmt: skip
+    p.add_argument("--cpu-kernels", nargs="+", default=["auto"], choices=["auto", "curvature", "off"],
+                   help="auto: all compiled CPU kernels; curvature: its own only; off: none")  # fmt: skip
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -87,11 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
                 label = f"{name} {t},{b}" + ("" if kernels == "auto" else f" kernels {kernels}")
                 info = {"case": name, "tile_mib": t, "block_mib": b, "cpu_kernels": kernels}
                 cases.append(Case(label, under_budget(step, t, b, kernels), info=info))
-    kept = merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES, curvature.CPU_KERNELS
+    kept = merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES, curvature.CPU_KERNELS, merge.CPU_KERNELS
     try:
         time_cases(cases, torch.device("cpu"), warmup=args.warmup, repeats=args.repeats)
     finally:
-        merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES, curvature.CPU_KERNELS = kept
+        merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES, curvature.CPU_KERNELS, merge.CPU_KERNELS = kept
     rows = {c.name: {**c.info, "median_ms": c.median_ms, "times_ms": c.times_ms, "x_dense_time": round_ratio(c, dense)}
             for c in cases}  # fmt: skip
     settings = {"shape": shape.name, "clock": args.clock, "host_memory": args.host_memory,

@@ -228,18 +228,18 @@ def test_the_budgets_benchmark_times_cpu_kernels_on_and_off_and_restores_them(tm
     def spy(name, shape):  # record the kernel setting each merged case's forward runs under
         module = build(name, shape)
         if name != "dense":
-            module.register_forward_pre_hook(lambda *_: seen.append(curvature.CPU_KERNELS))
+            module.register_forward_pre_hook(lambda *_: seen.append((curvature.CPU_KERNELS, merge.CPU_KERNELS)))
         return module
 
     monkeypatch.setattr(budgets_bench.layer, "build_module", spy)
     out = tmp_path / "budgets.json"
     budgets_bench.main(["--tiny", "--repeats", "1", "--warmup", "0", "--budgets", "1,2", "--cases", "camex_r1",
-                        "--cpu-kernels", "auto", "off", "--threads", "1", "--out", str(out)])  # fmt: skip
+                        "--cpu-kernels", "auto", "curvature", "off", "--threads", "1", "--out", str(out)])  # fmt: skip
     cases = json.loads(out.read_text())["cases"]
-    assert list(cases) == ["dense", "camex_r1 1,2", "camex_r1 1,2 kernels off"]
-    assert [cases[k]["cpu_kernels"] for k in list(cases)[1:]] == ["auto", "off"]
-    assert seen == [None, False]
-    assert curvature.CPU_KERNELS is None
+    assert list(cases) == ["dense", "camex_r1 1,2", "camex_r1 1,2 kernels curvature", "camex_r1 1,2 kernels off"]
+    assert [cases[k]["cpu_kernels"] for k in list(cases)[1:]] == ["auto", "curvature", "off"]
+    assert seen == [(None, None), (None, False), (False, False)]  # (curvature's, the merge's)
+    assert curvature.CPU_KERNELS is None and merge.CPU_KERNELS is None
 
 
 def test_the_cpu_kernels_benchmark_times_every_pass_both_ways(tmp_path, one_thread):

@@ -35,7 +35,7 @@ def test_the_kernels_build_here(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [f"cpu_kron_{cpu_kron._tag()}.so"]
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [f"cpu_kron_{cpu_kron.LIBRARY.tag()}.so"]
 
 
 @pytest.fixture
@@ -190,6 +190,6 @@ def test_without_the_kernel_the_pytorch_path_runs(env, tmp_path):
 
 def test_an_install_without_the_source_falls_back(monkeypatch, tmp_path):
     """A package installed without `cpu_kron.c` says so instead of failing at import or first use."""
-    monkeypatch.setattr(cpu_kron, "_SOURCE", tmp_path / "missing.c")
-    lib, why = cpu_kron._load()
+    monkeypatch.setattr(cpu_kron.LIBRARY, "source", tmp_path / "missing.c")
+    lib, why = cpu_kron.LIBRARY.load()
     assert lib is None and why.startswith("build failed") and "missing.c" in why

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from camex.kernels import cpu_kron
 from camex.kernels import kronecker as kernels
+from camex.kernels.cpu_build import plain_cpu_fp32
 from camex.kernels.kronecker import kronecker_triton
 from camex.merging import workspace
 
@@ -92,11 +92,8 @@ CPU_KERNELS: bool | None = None
 
 
 def _cpu_kernel(x: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> bool:
-    if CPU_KERNELS is False or x.device.type != "cpu":
-        return False
-    if _get_current_dispatch_mode() is not None:  # a dispatch mode (FlopCounterMode) must see every product
-        return False
-    if not (x.dtype == f.dtype == out.dtype == torch.float32 and x.is_contiguous() and out.is_contiguous()):
+    """Whether the compiled kernel takes these operands (`f` may be strided: a transposed factor)."""
+    if CPU_KERNELS is False or not plain_cpu_fp32(x, out) or f.dtype != torch.float32 or f.device.type != "cpu":
         return False
     return cpu_kron.available()
 

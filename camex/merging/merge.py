@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from camex.kernels import merged_gemm
+from camex.kernels import cpu_merge, merged_gemm
+from camex.kernels.cpu_build import plain_cpu_fp32
 from camex.merging import workspace
 
 
@@ -101,8 +102,9 @@ class _MergedLinear(torch.autograd.Function):
             else:
                 weights = workspace.buffer("merge_tile", units * rows * base.shape[1], x)
             merged = _merge_buffer(x, base, units, rows)
+            coefs = _kernel_coefficients(merged, base, deltas, scores, alpha, around)
             for r in _blocks(base.shape[0], rows):
-                w = _merge_rows(weights, merged, base, deltas, scores, alpha, r, kept=keep, around=around)
+                w = _merge_rows(weights, merged, base, deltas, scores, alpha, r, kept=keep, around=around, coefs=coefs)
                 _apply(x, w, None if bias is None else bias[:, r], out=y[..., r])
         ctx.alpha, ctx.rows, ctx.around, ctx.reuse = alpha, rows, around, reuse
         ctx.save_for_backward(x, base, deltas, scores, weights if keep else None, delta_bias)
@@ -136,13 +138,20 @@ class _MergedLinear(torch.autograd.Function):
         if weight is None or (need_w and workspace.graph_is_kept()):
             scratch = workspace.buffer("merge_tile", units * rows * base.shape[1], x)
         merged = _merge_buffer(x, base, units, rows) if weight is None or need_w else None
+        coefs = _kernel_coefficients(merged, base, deltas, scores, alpha, around)
+        kernel = coefs is not None and (grad_deltas is None or cpu_merge.rows_fit(grad_deltas))
         scaled = scores.t() * alpha  # [n, units]
         if around:  # ∂base weighs each unit by its base coefficient; ⟨∂Ŵ_u, base⟩ enters ∂s_u
             base_coef = (1.0 - alpha * scores.sum(1)).unsqueeze(0)  # [1, units]
             base_dot = scores.new_zeros(units) if need_scores else None
+        if kernel:  # one pass per tile (cpu_merge.merge_grad): ∂scores and ⟨∂Ŵ_u, base⟩ in one buffer
+            scaled = scaled.contiguous()
+            dots = scores.new_zeros(n + around, units) if need_scores else None
+            grad_scores_t = None if dots is None else dots[:n]
+            base_dot = None if dots is None or not around else dots[n]
         for r in _blocks(base.shape[0], rows):
             if weight is None:
-                w = _merge_rows(scratch, merged, base, deltas, scores, alpha, r, kept=False, around=around)
+                w = _merge_rows(scratch, merged, base, deltas, scores, alpha, r, kept=False, around=around, coefs=coefs)
             else:
                 w = _tile(weight, units, r, base.shape[1], kept=True)
             g = grad[..., r]
@@ -154,6 +163,13 @@ class _MergedLinear(torch.autograd.Function):
             gw = torch.bmm(g.transpose(1, 2), x, out=target)
             if merged is not None:  # lower-precision ∂Ŵ: reduce it onto the parameters in their dtype
                 gw = _tile(merged, units, r, base.shape[1], kept=False).copy_(gw)
+            if kernel:
+                cpu_merge.merge_grad(
+                    gw, deltas[:, r], at=scaled, c=coefs[1], base=base[r] if need_scores and around else None,
+                    grad_base=grad_base[r] if need_base else None,
+                    grad_deltas=grad_deltas[:, r] if need_deltas else None, dots=dots, threads=torch.get_num_threads(),
+                )  # fmt: skip
+                continue
             gw = gw.view(units, -1)
             if need_base and around:
                 torch.mm(base_coef, gw, out=grad_base[r].view(1, -1))
@@ -199,11 +215,35 @@ def _tile(buffer: torch.Tensor, units: int, rows: slice, width: int, *, kept: bo
     return buffer[start : start + units * count * width].view(units, count, width)
 
 
-def _merge_rows(buffer, merged, base, deltas, scores, alpha, rows: slice, *, kept: bool, around: bool) -> torch.Tensor:
+# The compiled CPU merge and reductions (`camex.kernels.cpu_merge`): None uses them for fp32 CPU
+# tensors whenever they built here, on PyTorch's thread count; False keeps PyTorch's ops everywhere
+# (the reference the tests pin them to). Measured: docs/benchmarks.md.
+CPU_KERNELS: bool | None = None
+
+
+def _kernel_coefficients(merged, base, deltas, scores, alpha, around) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(a, c)` with `Ŵ_u = c_u·base + Σ_i a_ui·deltas_i`, where the compiled CPU kernels take this
+    pass (fp32 CPU operands, one dtype throughout), else None."""
+    if CPU_KERNELS is False or merged is not None or not plain_cpu_fp32(base) or scores.dtype != torch.float32:
+        return None
+    if deltas.dtype != torch.float32 or not cpu_merge.rows_fit(deltas) or not cpu_merge.available():
+        return None
+    a = (scores * alpha).contiguous()
+    c = 1.0 - alpha * scores.sum(1) if around else torch.ones_like(scores[:, 0])
+    return a, c.contiguous()
+
+
+def _merge_rows(
+    buffer, merged, base, deltas, scores, alpha, rows: slice, *, kept: bool, around: bool, coefs=None
+) -> torch.Tensor:
     """The merged weights' output rows `rows` for every unit, `[units, len(rows), I]`, in `buffer`
     (merged in `merged`, in the parameters' dtype, first where `buffer` holds a lower precision).
-    `around`: `deltas` are experts, and `α (Σ_i s_ui) base` is taken off each unit's rows."""
+    `around`: `deltas` are experts, and `α (Σ_i s_ui) base` is taken off each unit's rows. With
+    `coefs` (`_kernel_coefficients`) the compiled kernel merges in one pass."""
     w = _tile(buffer, scores.shape[0], rows, base.shape[1], kept=kept)
+    if coefs is not None:
+        cpu_merge.merge_into(base[rows], deltas[:, rows], *coefs, w, threads=torch.get_num_threads())
+        return w
     t = w if merged is None else _tile(merged, scores.shape[0], rows, base.shape[1], kept=False)
     merge_flat(base[rows], deltas[:, rows], scores, alpha, out=t)
     if around:
