@@ -5,9 +5,10 @@
  * the large operand into their panel layout: on the project's AVX2 VM those products ran at
  * 24-58 GFLOP/s against 82 for a square GEMM. Here the large operand is read in place: the
  * factor (at most 64 KiB) sits in L1/L2, the large operand streams through a 6 x 16 register tile
- * of broadcast-FMA updates, and nothing is packed. A factor gradient (a contraction over every mode
+ * of broadcast-FMA updates; only the first mode's rows are packed (gemm_packed). A factor gradient (a contraction over every mode
  * but one) transposes chunks of one operand in 8 x 8 register blocks and reuses the same tile; for
- * the last mode PyTorch's GEMM is as fast (measured 0.83-1.36x) and is kept.
+ * the last mode it reads both operands in place, one transposed through the tile's strides (1.5x
+ * PyTorch's single GEMM on the T5 shape's last mode, one thread).
  *
  * Built at first use by camex/kernels/cpu_kron.py (gcc -O3 -mavx2 -mfma -fopenmp); fp32, threaded,
  * row-major, every leading dimension in elements.
@@ -128,6 +129,27 @@ static void gemm(int M, int N, int K, const float *A, long rsa, long csa, const 
     }
 }
 
+/* The first mode's large operand is one tensor's rows far apart (a multiple of 4 KiB for most shapes):
+ * read in place, its K rows of a panel map to the same few cache sets and evict one another, and
+ * K streams defeat the prefetchers. Each panel of PW columns is therefore copied together first, a
+ * long sequential run per row (measured 1.1-1.3x on the T5 shape's first mode, none for later ones). */
+#define PW 512
+#define PK 64
+static __thread float packed[PK * PW] __attribute__((aligned(64)));
+
+static void gemm_packed(int M, int N, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C,
+                        long ldc, float alpha, float beta) {
+    if (K > PK) {
+        gemm(M, N, K, A, rsa, csa, B, ldb, C, ldc, alpha, beta);
+        return;
+    }
+    for (int jp = 0; jp < N; jp += PW) {
+        int jn = N - jp < PW ? N - jp : PW;
+        for (int k = 0; k < K; k++) memcpy(packed + k * jn, B + (long)k * ldb + jp, sizeof(float) * jn);
+        gemm(M, jn, K, A, rsa, csa, packed, jn, C + jp, ldc, alpha, beta);
+    }
+}
+
 /* Work split across threads: items [0, items) cut into `threads` contiguous ranges, one per
  * thread of an OpenMP parallel region. Loaded into a process that has imported PyTorch, this
  * library shares PyTorch's OpenMP runtime (the same libgomp.so.1), so its regions run on the
@@ -180,8 +202,8 @@ static void mode_items(void *p, int thread, long start, long end) { /* item = (e
         long c0 = (it % j->chunks) * j->chunk, rest = it / j->chunks, a = rest % j->pre, e = rest / j->pre;
         int cols = j->post - c0 < j->chunk ? (int)(j->post - c0) : (int)j->chunk;
         long off = e * j->slab + a * j->d * j->post + c0;
-        gemm(j->d, cols, j->d, j->F + e * j->fn, j->fi, j->fj, j->X + off, j->post, j->Y + off, j->post, j->alpha,
-             j->beta);
+        (j->pre == 1 ? gemm_packed : gemm)(j->d, cols, j->d, j->F + e * j->fn, j->fi, j->fj, j->X + off, j->post,
+                                           j->Y + off, j->post, j->alpha, j->beta);
     }
 }
 
@@ -269,15 +291,35 @@ static void contract_items(void *p, int thread, long start, long end) { /* item 
     }
 }
 
+#define LAST_ROWS 4096 /* rows of the last mode's contraction per work item */
+#define LAST_KC 64      /* rows per step: both operands' rows stay in L1 across the tiles */
+
+static void contract_last_items(void *p, int thread, long start, long end) { /* item = (expert, row chunk) */
+    contract_job *j = p;
+    int d = j->d;
+    float *partial = j->partial + (long)thread * j->n * d * d;
+    for (long it = start; it < end; it++) {
+        long e = it / j->chunks, r0 = (it % j->chunks) * LAST_ROWS;
+        long r1 = r0 + LAST_ROWS < j->pre ? r0 + LAST_ROWS : j->pre;
+        const float *g = j->Gr + e * j->slab, *h = j->H + e * j->slab;
+        for (long r = r0; r < r1; r += LAST_KC) { /* G += g[r:r+kc]^T h[r:r+kc]: g read transposed in place */
+            int kc = r1 - r < LAST_KC ? (int)(r1 - r) : LAST_KC;
+            gemm(d, d, kc, g + r * d, 1, d, h + r * d, d, partial + e * d * d, d, j->alpha, 1.0f);
+        }
+    }
+}
+
 /* Factor gradient for n experts: G[e, i, j] = alpha * sum_{a, b} Gr[e, a, i, b] H[e, a, j, b]
- * (G contiguous [n, d, d], overwritten; Gr and H contiguous [n, pre, d, post], post > 1). The
- * reduced dimension b is cut into chunks; H's chunk is transposed into a scratch buffer so that
+ * (G contiguous [n, d, d], overwritten; Gr and H contiguous [n, pre, d, post]). The
+ * reduced dimension b is cut into chunks (for the last mode, post = 1, the rows a instead: LAST_ROWS); H's chunk is transposed into a scratch buffer so that
  * its rows run along j, and the chunk's product accumulates on the same register tile into the
  * thread's partial sums (G itself on one thread), added up at the end. Returns 0, or -1 where a
  * buffer could not be allocated. */
 int camex_contract(int n, long pre, int d, long post, const float *Gr, const float *H, float *G, float alpha,
                    int threads) {
-    long chunks = (post + KC - 1) / KC, items = n * pre * chunks, size = (long)n * d * d;
+    int last = post == 1; /* the last mode: rows of [pre, d] contracted, no transposes */
+    long chunks = last ? (pre + LAST_ROWS - 1) / LAST_ROWS : (post + KC - 1) / KC;
+    long items = last ? n * chunks : n * pre * chunks, size = (long)n * d * d;
     threads = split_threads(threads, items);
     float *scratch = malloc(sizeof(float) * KC * d * threads);
     float *partial = threads == 1 ? G : calloc((size_t)size * threads, sizeof(float));
@@ -288,7 +330,7 @@ int camex_contract(int n, long pre, int d, long post, const float *Gr, const flo
     }
     if (threads == 1) memset(G, 0, sizeof(float) * size);
     contract_job job = {pre, post, pre * d * post, chunks, n, d, Gr, H, partial, scratch, alpha};
-    parallel(threads, items, contract_items, &job);
+    parallel(threads, items, last ? contract_last_items : contract_items, &job);
     if (threads > 1) {
         for (long i = 0; i < size; i++) {
             float sum = 0.0f;

@@ -50,9 +50,7 @@ def contract_into(
     g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, *, alpha: float, threads: int = 1
 ) -> None:
     """`out[i] = alpha · Σ g[i] h[i]` over every mode but `k`, for contiguous fp32 CPU `g`, `h`
-    `[n, d_0, ...]` and `out` `[n, d_k, d_k]`; the modes after `k` are not all of size 1."""
+    `[n, d_0, ...]` and `out` `[n, d_k, d_k]`."""
     n, pre, d, post = _split(g, k)
-    if post == 1:
-        raise ValueError("cpu_kron.contract_into: with nothing after mode k, the contraction is one GEMM: PyTorch's")
     if LIBRARY.lib.camex_contract(n, pre, d, post, g.data_ptr(), h.data_ptr(), out.data_ptr(), alpha, threads):
         raise MemoryError(f"cpu_kron: no memory for {threads} thread(s)' {d}-column buffers")

@@ -113,7 +113,7 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
     given the gradient `g` of its output (`out` `[n, d, d]`, indexed `[output row, input row]`)."""
     n, dims = g.shape[0], g.shape[1:]
     d = dims[k]
-    if math.prod(dims[k + 1 :]) > 1 and _cpu_kernel(g, h, out) and h.is_contiguous():  # the last mode: one GEMM
+    if _cpu_kernel(g, h, out) and h.is_contiguous():
         cpu_kron.contract_into(g, h, k, out, alpha=alpha, threads=torch.get_num_threads())
         return
     if k == 0:
