@@ -42,13 +42,13 @@ def merge_flat(
 
 # On CPU the merged weights are built for a tile of output rows at a time, for every unit: a
 # tile's weights, its slice of the deltas and its gradients (`units + n` rows of `I` entries each)
-# take at most this much, so they stay in the last-level cache through the tile's matmuls and the
-# deltas are read from memory once per pass. Buffers this small are also recycled by the heap
-# instead of being mapped and page-faulted afresh on every call, as large CPU allocations are.
-# 16 MiB rather than 8: half as many tiles, so half as many BLAS calls per step; with the
-# curvature's 24 MiB blocks a few per cent faster on one thread and on two idle ones, no reliable
-# difference on a busy machine (benchmarks/budgets.py; docs/benchmarks.md, "Tile and block budgets").
-CPU_BLOCK_BYTES = 16 * 2**20
+# take at most this much, and the tile's buffers are reused across calls (`workspace`) instead of
+# being mapped and page-faulted afresh on every call, as large CPU allocations are. 48 MiB rather
+# than 16 since the merge and its reductions run in one pass each (`cpu_merge`): the token products
+# on wider tiles run closer to the dense GEMM's rate, and that now outweighs keeping a tile in the
+# last-level cache (T5 `wi`: 1 and 2 threads, benchmarks/budgets.py; docs/benchmarks.md, "Tile and
+# block budgets" and "Compiled CPU kernels for the merge").
+CPU_BLOCK_BYTES = 48 * 2**20
 # Up to this size, all units' merged weights are kept for the backward pass instead of rebuilt
 # there (few units: the rebuild would re-read all the deltas for a small saving in memory).
 CPU_KEEP_BYTES = 24 * 2**20
