@@ -152,3 +152,13 @@ TINY = {
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def threads(request):
+    """The compiled CPU kernels' tests on one thread, and on three: the work split across an OpenMP
+    region (more threads than this machine's cores is still a correct split)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

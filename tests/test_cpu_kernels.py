@@ -45,16 +45,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
-def threads(request):
-    """One thread, and three: the work split across an OpenMP region (more threads than this
-    machine's cores is still a correct split)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def _rand(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
