@@ -5,10 +5,10 @@
  * the large operand into their panel layout: on the project's AVX2 VM those products ran at
  * 24-58 GFLOP/s against 82 for a square GEMM. Here the large operand is read in place: the
  * factor (at most 64 KiB) sits in L1/L2, the large operand streams through a 6 x 16 register tile
- * of broadcast-FMA updates; only the first mode's rows are packed (gemm_packed). A factor gradient (a contraction over every mode
- * but one) transposes chunks of one operand in 8 x 8 register blocks and reuses the same tile; for
- * the last mode it reads both operands in place, one transposed through the tile's strides (1.5x
- * PyTorch's single GEMM on the T5 shape's last mode, one thread).
+ * of broadcast-FMA updates; only the first mode's rows are packed (gemm_packed). A factor gradient
+ * (a contraction over every mode but one) transposes chunks of one operand in 8 x 8 register blocks
+ * and reuses the same tile; for the last mode it reads both operands in place, one transposed
+ * through the tile's strides (1.5x PyTorch's single GEMM on the T5 shape's last mode, one thread).
  *
  * Built at first use by camex/kernels/cpu_kron.py (gcc -O3 -mavx2 -mfma -fopenmp); fp32, threaded,
  * row-major, every leading dimension in elements.
@@ -209,7 +209,7 @@ static void mode_items(void *p, int thread, long start, long end) { /* item = (e
 
 /* Mode product for n experts: Y[e, a, i, b] = beta * Y + alpha * sum_j F[e, i, j] X[e, a, j, b].
  * X and Y are contiguous [n, pre, d, post]; F[e] is read at e*fn + i*fi + j*fj (a transposed
- * factor is the same memory with fi and fj swapped); `threads` POSIX threads share the work.
+ * factor is the same memory with fi and fj swapped); `threads` OpenMP threads share the work.
  * Returns 0, or -1 where a buffer could not be allocated. */
 int camex_mode(int n, long pre, int d, long post, const float *F, long fn, long fi, long fj, const float *X,
                float *Y, float alpha, float beta, int threads) {
@@ -311,9 +311,10 @@ static void contract_last_items(void *p, int thread, long start, long end) { /* 
 
 /* Factor gradient for n experts: G[e, i, j] = alpha * sum_{a, b} Gr[e, a, i, b] H[e, a, j, b]
  * (G contiguous [n, d, d], overwritten; Gr and H contiguous [n, pre, d, post]). The
- * reduced dimension b is cut into chunks (for the last mode, post = 1, the rows a instead: LAST_ROWS); H's chunk is transposed into a scratch buffer so that
- * its rows run along j, and the chunk's product accumulates on the same register tile into the
- * thread's partial sums (G itself on one thread), added up at the end. Returns 0, or -1 where a
+ * reduced dimension b is cut into chunks (for the last mode, post = 1, the rows a instead: LAST_ROWS,
+ * read in place); H's chunk is transposed into a scratch buffer so that its rows run along j, and the
+ * chunk's product accumulates on the same register tile into the thread's partial sums (G itself on
+ * one thread), added up at the end. Returns 0, or -1 where a
  * buffer could not be allocated. */
 int camex_contract(int n, long pre, int d, long post, const float *Gr, const float *H, float *G, float alpha,
                    int threads) {

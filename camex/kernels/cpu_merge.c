@@ -17,10 +17,19 @@
 
 #define CHUNK 256 /* columns per chunk: 16 units' and 8 experts' chunks take 24 KiB, in L1 */
 
-static void parallel_chunks(int threads, long len, void (*fn)(void *, int, long, long), void *ctx) {
+#define MAX_EXPERTS 256 /* the reductions keep one row pointer per expert (cpu_merge.MAX_EXPERTS) */
+
+/* Threads that get work: at most one per chunk, at least one. */
+static int chunk_threads(int threads, long len) {
     long chunks = (len + CHUNK - 1) / CHUNK;
     if (threads > chunks) threads = (int)chunks;
-    if (threads <= 1) {
+    return threads < 1 ? 1 : threads;
+}
+
+static void parallel_chunks(int threads, long len, void (*fn)(void *, int, long, long), void *ctx) {
+    long chunks = (len + CHUNK - 1) / CHUNK;
+    threads = chunk_threads(threads, len);
+    if (threads == 1) {
         fn(ctx, 0, 0, len);
         return;
     }
@@ -127,7 +136,7 @@ typedef struct {
     const float *base, *D, *a, *c, *G;
     float *W, *gbase, *GD, *P;
     int dot_rows;
-    const float *rows[257];
+    const float *rows[MAX_EXPERTS + 1];
 } merge_job;
 
 static void merge_range(void *p, int thread, long k0, long k1) {
@@ -170,10 +179,8 @@ static void grad_range(void *p, int thread, long k0, long k1) {
  * Returns 0, or -1 where the threads' partial sums could not be allocated. */
 int camex_merge_grad(int units, int n, long len, const float *G, const float *D, long ldd, const float *base,
                      const float *at, const float *c, float *gbase, float *GD, long ldgd, float *S, int threads) {
-    if (n > 256) return -2;
-    long chunks = (len + CHUNK - 1) / CHUNK;
-    if (threads > chunks) threads = (int)chunks;
-    if (threads < 1) threads = 1;
+    if (n > MAX_EXPERTS) return -2;
+    threads = chunk_threads(threads, len); /* as parallel_chunks will: one partial-sum block each */
     merge_job job = {units, n, len, ldd, ldgd, base, D, at, c, G, NULL, gbase, GD, NULL, 0, {0}};
     if (S) {
         job.dot_rows = n + (base != NULL);

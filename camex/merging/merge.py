@@ -130,9 +130,6 @@ class _MergedLinear(torch.autograd.Function):
         if need_deltas:  # written tile by tile after the tile's last read of the deltas
             reuse = ctx.reuse and deltas.is_contiguous() and not workspace.graph_is_kept()
             grad_deltas = deltas.detach() if reuse else workspace.empty_like(deltas)
-        # ∂scores accumulates transposed, [n, units]: deltas @ ∂Ŵᵀ runs faster than ∂Ŵ @ deltasᵀ
-        # for these shapes (K = rows·I: 0.72 against 1.21 ms per T5 tile, CPU time)
-        grad_scores_t = scores.new_zeros(n, units) if need_scores else None
         need_w = need_base or need_deltas or need_scores
         scratch = None  # where ∂Ŵ of a tile goes, unless it can overwrite the kept weights
         if weight is None or (need_w and workspace.graph_is_kept()):
@@ -140,15 +137,15 @@ class _MergedLinear(torch.autograd.Function):
         merged = _merge_buffer(x, base, units, rows) if weight is None or need_w else None
         coefs = _kernel_coefficients(merged, base, deltas, scores, alpha, around)
         kernel = coefs is not None and (grad_deltas is None or cpu_merge.rows_fit(grad_deltas))
-        scaled = scores.t() * alpha  # [n, units]
-        if around:  # ∂base weighs each unit by its base coefficient; ⟨∂Ŵ_u, base⟩ enters ∂s_u
+        scaled = (scores.t() * alpha).contiguous()  # [n, units]
+        # ∂scores accumulates transposed, [n, units]: deltas @ ∂Ŵᵀ runs faster than ∂Ŵ @ deltasᵀ
+        # for these shapes (K = rows·I: 0.72 against 1.21 ms per T5 tile, CPU time); around the base,
+        # ⟨∂Ŵ_u, base⟩ (it enters ∂s_u) in the row after it: one buffer, as the kernel fills it
+        dots = scores.new_zeros(n + around, units) if need_scores else None
+        grad_scores_t = None if dots is None else dots[:n]
+        base_dot = dots[n] if dots is not None and around else None
+        if around and not kernel:  # ∂base weighs each unit by its base coefficient
             base_coef = (1.0 - alpha * scores.sum(1)).unsqueeze(0)  # [1, units]
-            base_dot = scores.new_zeros(units) if need_scores else None
-        if kernel:  # one pass per tile (cpu_merge.merge_grad): ∂scores and ⟨∂Ŵ_u, base⟩ in one buffer
-            scaled = scaled.contiguous()
-            dots = scores.new_zeros(n + around, units) if need_scores else None
-            grad_scores_t = None if dots is None else dots[:n]
-            base_dot = None if dots is None or not around else dots[n]
         for r in _blocks(base.shape[0], rows):
             if weight is None:
                 w = _merge_rows(scratch, merged, base, deltas, scores, alpha, r, kept=False, around=around, coefs=coefs)
