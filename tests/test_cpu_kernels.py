@@ -59,9 +59,11 @@ def _torch_path(monkeypatch, fn):
 
 # (40, 23, 29): the first mode's packed panels with a partial one (667 columns), the last mode's
 # contraction over rows not a multiple of its step; (70, 9, 61): a first mode too large to pack;
-# (7, 650, 9): the last mode's contraction over more rows than one work item takes
+# (7, 650, 9): the last mode's contraction over more rows than one work item takes; (32, 48, 16, 24):
+# MiniLM-L6's FFN, 4-row tiles where 6 would compute dropped rows (16, 32) and 24-column tiles;
+# (10, 22, 88), (7, 24): a 24-column last panel after a full one, 24-column tiles on 3 and 4 rows
 SHAPES = [(5, 7, 9, 3), (6, 16, 8, 17), (1, 13, 1, 40), (3, 5, 2, 1), (12, 20), (24, 32), (48, 64, 24, 32),
-          (40, 23, 29), (70, 9, 61), (7, 650, 9)]  # fmt: skip
+          (40, 23, 29), (70, 9, 61), (7, 650, 9), (32, 48, 16, 24), (10, 22, 88), (7, 24)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dims", SHAPES, ids=lambda d: "x".join(map(str, d)))
@@ -107,7 +109,9 @@ _real_contract = cpu_kron.contract_into
 
 
 @pytest.mark.parametrize("rank", [1, 3])
-@pytest.mark.parametrize("dims", [(5, 7, 9, 3), (48, 64, 24, 32), (6, 10)], ids=["odd", "t5-ffn", "bias"])
+@pytest.mark.parametrize(
+    "dims", [(5, 7, 9, 3), (48, 64, 24, 32), (32, 48, 16, 24), (6, 10)], ids=["odd", "t5-ffn", "minilm-ffn", "bias"]
+)
 @pytest.mark.parametrize("with_base", [False, True], ids=["tau", "around-base"])
 def test_kronecker_sum_forward_and_grads_match_the_pytorch_path(rank, dims, with_base, threads, monkeypatch):
     """The whole curvature pass (forward, ∂τ, ∂base, every factor's gradient) on the kernel."""

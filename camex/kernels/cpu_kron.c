@@ -5,7 +5,8 @@
  * the large operand into their panel layout: on the project's AVX2 VM those products ran at
  * 24-58 GFLOP/s against 82 for a square GEMM. Here the large operand is read in place: the
  * factor (at most 64 KiB) sits in L1/L2, the large operand streams through a 6 x 16 register tile
- * of broadcast-FMA updates; only the first mode's rows are packed (gemm_packed). A factor gradient
+ * of broadcast-FMA updates (4 x 16 where 6 would compute rows it drops, 4 x 24 for a 24-wide
+ * operand); only the first mode's rows are packed (gemm_packed). A factor gradient
  * (a contraction over every mode but one) transposes chunks of one operand in 8 x 8 register blocks
  * and reuses the same tile; for the last mode it reads both operands in place, one transposed
  * through the tile's strides (1.5x PyTorch's single GEMM on the T5 shape's last mode, one thread).
@@ -29,10 +30,12 @@ static inline void store_row(float *c, __m256 v, __m256 al, __m256 be, int accum
 }
 
 /* C[i, j] = beta * C[i, j] + alpha * sum_k A[i*rsa + k*csa] * B[k*ldb + j] on an mr x 16 tile
- * (mr <= 6). Named accumulators: GCC keeps an array of them in memory. Rows past mr repeat row 0
- * (valid memory) and are not stored. */
-static void tile16(int mr, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C, long ldc,
-                   float alpha, float beta) {
+ * (mr <= R, R = 6 or 4, a constant once inlined: a 4-row tile does not compute rows it drops). Named
+ * accumulators: GCC keeps an array of them in memory. Rows past mr repeat row 0 (valid memory) and
+ * are not stored. */
+static inline __attribute__((always_inline)) void tile16_rows(const int R, int mr, int K, const float *A, long rsa,
+                                                              long csa, const float *B, long ldb, float *C, long ldc,
+                                                              float alpha, float beta) {
     const float *a0 = A, *a1 = mr > 1 ? A + rsa : A, *a2 = mr > 2 ? A + 2 * rsa : A;
     const float *a3 = mr > 3 ? A + 3 * rsa : A, *a4 = mr > 4 ? A + 4 * rsa : A, *a5 = mr > 5 ? A + 5 * rsa : A;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
@@ -45,8 +48,10 @@ static void tile16(int mr, int K, const float *A, long rsa, long csa, const floa
         a = _mm256_broadcast_ss(a1 + o); c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
         a = _mm256_broadcast_ss(a2 + o); c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
         a = _mm256_broadcast_ss(a3 + o); c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
-        a = _mm256_broadcast_ss(a4 + o); c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
-        a = _mm256_broadcast_ss(a5 + o); c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
+        if (R > 4) {
+            a = _mm256_broadcast_ss(a4 + o); c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
+            a = _mm256_broadcast_ss(a5 + o); c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
+        }
     }
     __m256 al = _mm256_set1_ps(alpha), be = _mm256_set1_ps(beta);
     int acc = beta != 0.0f;
@@ -54,8 +59,51 @@ static void tile16(int mr, int K, const float *A, long rsa, long csa, const floa
     if (mr > 1) { store_row(C + ldc, c10, al, be, acc); store_row(C + ldc + 8, c11, al, be, acc); }
     if (mr > 2) { store_row(C + 2 * ldc, c20, al, be, acc); store_row(C + 2 * ldc + 8, c21, al, be, acc); }
     if (mr > 3) { store_row(C + 3 * ldc, c30, al, be, acc); store_row(C + 3 * ldc + 8, c31, al, be, acc); }
-    if (mr > 4) { store_row(C + 4 * ldc, c40, al, be, acc); store_row(C + 4 * ldc + 8, c41, al, be, acc); }
-    if (mr > 5) { store_row(C + 5 * ldc, c50, al, be, acc); store_row(C + 5 * ldc + 8, c51, al, be, acc); }
+    if (R > 4 && mr > 4) { store_row(C + 4 * ldc, c40, al, be, acc); store_row(C + 4 * ldc + 8, c41, al, be, acc); }
+    if (R > 4 && mr > 5) { store_row(C + 5 * ldc, c50, al, be, acc); store_row(C + 5 * ldc + 8, c51, al, be, acc); }
+}
+
+static void tile16(int mr, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C, long ldc,
+                   float alpha, float beta) {
+    if (mr > 4) tile16_rows(6, mr, K, A, rsa, csa, B, ldb, C, ldc, alpha, beta);
+    else tile16_rows(4, mr, K, A, rsa, csa, B, ldb, C, ldc, alpha, beta);
+}
+
+/* The same on an mr x 24 tile (mr <= 4): 24 columns (a mode or factor of size 24) in one tile of 12
+ * accumulators rather than a 16-column tile and an 8-column one of 6, too few to hide the latency. */
+static void tile24(int mr, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C, long ldc,
+                   float alpha, float beta) {
+    const float *a0 = A, *a1 = mr > 1 ? A + rsa : A, *a2 = mr > 2 ? A + 2 * rsa : A, *a3 = mr > 3 ? A + 3 * rsa : A;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
+    __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
+    for (int k = 0; k < K; k++) {
+        const float *b = B + (long)k * ldb;
+        long o = (long)k * csa;
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8), b2 = _mm256_loadu_ps(b + 16), a;
+        a = _mm256_broadcast_ss(a0 + o);
+        c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01); c02 = _mm256_fmadd_ps(a, b2, c02);
+        a = _mm256_broadcast_ss(a1 + o);
+        c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11); c12 = _mm256_fmadd_ps(a, b2, c12);
+        a = _mm256_broadcast_ss(a2 + o);
+        c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21); c22 = _mm256_fmadd_ps(a, b2, c22);
+        a = _mm256_broadcast_ss(a3 + o);
+        c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31); c32 = _mm256_fmadd_ps(a, b2, c32);
+    }
+    __m256 al = _mm256_set1_ps(alpha), be = _mm256_set1_ps(beta);
+    int acc = beta != 0.0f;
+    store_row(C, c00, al, be, acc); store_row(C + 8, c01, al, be, acc); store_row(C + 16, c02, al, be, acc);
+    if (mr > 1) {
+        store_row(C + ldc, c10, al, be, acc); store_row(C + ldc + 8, c11, al, be, acc);
+        store_row(C + ldc + 16, c12, al, be, acc);
+    }
+    if (mr > 2) {
+        store_row(C + 2 * ldc, c20, al, be, acc); store_row(C + 2 * ldc + 8, c21, al, be, acc);
+        store_row(C + 2 * ldc + 16, c22, al, be, acc);
+    }
+    if (mr > 3) {
+        store_row(C + 3 * ldc, c30, al, be, acc); store_row(C + 3 * ldc + 8, c31, al, be, acc);
+        store_row(C + 3 * ldc + 16, c32, al, be, acc);
+    }
 }
 
 /* The same on an mr x 8 tile. */
@@ -110,6 +158,13 @@ static void tile(int mr, int nr, int K, const float *A, long rsa, long csa, cons
     }
 }
 
+/* Rows of the next tile of a column strip with `left` rows to go: tiles of 6 rows, 4 where that drops
+ * no computed row (8 = 4 + 4 rather than 6 + a 2-row tile that computes 6). */
+static inline int rows_step(int left, int most) {
+    if (most == 4 || left == 4 || left == 8 || left < 4) return left < 4 ? left : 4;
+    return left < 6 ? left : 6;
+}
+
 /* C[M x N] = beta * C + alpha * A[M x K] B[K x N]; A read at i*rsa + k*csa, B rows contiguous. */
 static void gemm(int M, int N, int K, const float *A, long rsa, long csa, const float *B, long ldb, float *C,
                  long ldc, float alpha, float beta) {
@@ -119,12 +174,19 @@ static void gemm(int M, int N, int K, const float *A, long rsa, long csa, const 
             for (int k = 0; k < K; k++)
                 for (int l = 0; l < NC && jp + NC + l < N; l += 16)
                     _mm_prefetch((const char *)(B + (long)k * ldb + jp + NC + l), _MM_HINT_T0);
-        for (int i = 0; i < M; i += MR) {
-            int mr = M - i < MR ? M - i : MR;
-            for (int j = jp; j < jp + jn; j += NR) {
-                int nr = jp + jn - j < NR ? jp + jn - j : NR;
-                tile(mr, nr, K, A + (long)i * rsa, rsa, csa, B + j, ldb, C + (long)i * ldc + j, ldc, alpha, beta);
+        for (int i = 0; i < M;) {
+            int mr = rows_step(M - i, jn == 24 ? 4 : MR);
+            const float *a = A + (long)i * rsa;
+            float *c = C + (long)i * ldc;
+            if (jn == 24) { /* a 24-column panel (d = 24, or N's last 24): one tile */
+                tile24(mr, K, a, rsa, csa, B + jp, ldb, c + jp, ldc, alpha, beta);
+            } else {
+                for (int j = jp; j < jp + jn; j += NR) {
+                    int nr = jp + jn - j < NR ? jp + jn - j : NR;
+                    tile(mr, nr, K, a, rsa, csa, B + j, ldb, c + j, ldc, alpha, beta);
+                }
             }
+            i += mr;
         }
     }
 }

@@ -137,12 +137,18 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
             out.mul_(alpha)
 
 
-# On CPU the work buffers hold a block of experts of at most this size: a block's buffers stay
-# in the last-level cache, and buffers under glibc's mmap threshold are recycled by the heap
-# instead of being mapped and page-faulted afresh on every call. 24 MiB rather than 12 (two T5-base
-# FFN experts per block instead of one): fewer, larger products; measured with the merged linear's
-# budget, camex r=1 3-14 % faster on one thread and on two idle ones (docs/benchmarks.md).
+# On CPU the work buffers hold a block of experts of at most this size: buffers under glibc's mmap
+# threshold are recycled by the heap instead of being mapped and page-faulted afresh on every call.
+# 24 MiB rather than 12 (two T5-base FFN experts per block instead of one): fewer, larger products;
+# measured with the merged linear's budget, camex r=1 3-14 % faster on one thread and on two idle
+# ones (docs/benchmarks.md).
 CPU_BLOCK_BYTES = 24 * 2**20
+# Experts up to this size get blocks of at most this size instead: a pass keeps about five
+# block-sized buffers busy (input, τ, two chain buffers, output), which then stay in a 32 MiB
+# last-level cache together. A T5-base expert (9 MiB) cannot fit, and larger blocks pay there;
+# a MiniLM-L6 expert (2.25 MiB) can: its passes ran at 1.2-2x their rate in blocks of all 7
+# experts (docs/benchmarks.md, "Cache-sized curvature blocks").
+CPU_CACHE_BLOCK_BYTES = 4 * 2**20
 
 
 def expert_block(x: torch.Tensor) -> int:
@@ -150,7 +156,9 @@ def expert_block(x: torch.Tensor) -> int:
     n = x.shape[0]
     if x.device.type != "cpu" or n == 0:
         return max(n, 1)
-    return max(1, min(n, CPU_BLOCK_BYTES // max(x[0].numel() * x.element_size(), 1)))
+    expert = max(x[0].numel() * x.element_size(), 1)
+    budget = min(CPU_BLOCK_BYTES, CPU_CACHE_BLOCK_BYTES) if expert <= CPU_CACHE_BLOCK_BYTES else CPU_BLOCK_BYTES
+    return max(1, min(n, budget // expert))
 
 
 def _blocks(n: int, size: int):
