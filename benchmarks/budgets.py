@@ -2,12 +2,15 @@
 with and without the compiled CPU kernels.
 
 The merged linear builds its weights a tile of output rows at a time (`merge.CPU_BLOCK_BYTES`) and
-the curvature walks blocks of experts (`curvature.CPU_BLOCK_BYTES`). Smaller budgets keep a tile in
-the cache; larger ones mean fewer, larger BLAS calls, i.e. fewer OpenMP regions for the threads to
-wait in. Each (case, budget) pair is timed with dense in interleaved rounds of one process:
+the curvature walks blocks of experts (`curvature.CPU_BLOCK_BYTES`; here also its cap for experts
+that fit the cache, `CPU_CACHE_BLOCK_BYTES`, so a block is at most the budget given, whatever the
+expert's size). Smaller budgets keep a tile in the cache; larger ones mean fewer, larger BLAS
+calls, i.e. fewer OpenMP regions for the threads to wait in. Each (case, budget) pair is timed
+with dense in interleaved rounds of one process:
 
     python -m benchmarks.budgets --threads 2 --budgets 8,12 32,48     # MiB: merge,curvature
     python -m benchmarks.budgets --threads 1 --clock cpu --budgets 16,24 --cpu-kernels auto off
+    python -m benchmarks.budgets --threads 1 --clock cpu --shape minilm --budgets 48,24 48,4   # MiniLM-L6's FFN
 
 `--cpu-kernels` chooses the compiled CPU kernels per case, side by side: `auto` all of them,
 `curvature` only the curvature's mode products and contractions (`camex.kernels.cpu_kron`; the
@@ -53,6 +56,7 @@ def under_budget(step, tile_mib: int, block_mib: int, kernels: str = "auto"):
 
     def run() -> None:
         merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES = tile_mib * MIB, block_mib * MIB
+        curvature.CPU_CACHE_BLOCK_BYTES = block_mib * MIB
         curvature.CPU_KERNELS = None if kernels in ("auto", "curvature") else False
         merge.CPU_KERNELS = None if kernels == "auto" else False  # the merge and its reductions (cpu_merge)
         step()
@@ -89,11 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
                 label = f"{name} {t},{b}" + ("" if kernels == "auto" else f" kernels {kernels}")
                 info = {"case": name, "tile_mib": t, "block_mib": b, "cpu_kernels": kernels}
                 cases.append(Case(label, under_budget(step, t, b, kernels), info=info))
-    kept = merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES, curvature.CPU_KERNELS, merge.CPU_KERNELS
+    settings_kept = [(merge, "CPU_BLOCK_BYTES"), (merge, "CPU_KERNELS"), (curvature, "CPU_BLOCK_BYTES"),
+                     (curvature, "CPU_CACHE_BLOCK_BYTES"), (curvature, "CPU_KERNELS")]  # fmt: skip
+    kept = [getattr(module, name) for module, name in settings_kept]
     try:
         time_cases(cases, torch.device("cpu"), warmup=args.warmup, repeats=args.repeats)
     finally:
-        merge.CPU_BLOCK_BYTES, curvature.CPU_BLOCK_BYTES, curvature.CPU_KERNELS, merge.CPU_KERNELS = kept
+        for (module, name), value in zip(settings_kept, kept):
+            setattr(module, name, value)
     rows = {c.name: {**c.info, "median_ms": c.median_ms, "times_ms": c.times_ms, "x_dense_time": round_ratio(c, dense)}
             for c in cases}  # fmt: skip
     settings = {"shape": shape.name, "clock": args.clock, "host_memory": args.host_memory,

@@ -81,10 +81,13 @@ class Shape:
 SHAPES = {
     "t5": Shape("t5", 768, 3072, batch=16, length=128, unit="sequence"),
     "gpt2": Shape("gpt2", 768, 3072, batch=4, length=1024, unit="segment", segment_len=256, bias=True),
+    # MiniLM-L6's FFN (the model benchmark's `bert --base`): 16 sequences of 128 tokens, one unit each
+    "minilm": Shape("minilm", 384, 1536, batch=16, length=128, unit="sequence", bias=True),
 }
 TINY = {
     "t5": Shape("t5", 24, 48, batch=3, length=5, unit="sequence", experts=3),
     "gpt2": Shape("gpt2", 24, 48, batch=2, length=10, unit="segment", segment_len=4, bias=True, experts=3),
+    "minilm": Shape("minilm", 16, 32, batch=3, length=5, unit="sequence", bias=True, experts=3),
 }
 
 # name -> (mask, rank or None for Euclidean, released formulation?)

@@ -164,6 +164,12 @@ def test_a_flop_counter_sees_the_pytorch_path(one_thread, monkeypatch):
     # each pass costs 2·numel·d: forward, the mode sizes 3+4+2+3 = 12; backward, the three recomputed
     # partials (modes 3, 2, 1: 3+2+4), four contractions (12) and four transposed products (12)
     assert counter.get_total_flops() == 2 * tau.numel() * (12 + 9 + 12 + 12)
+    # the last mode larger than the first: it goes last, and modes 0, 1, 2 (2+4+3) are recomputed
+    tau = _rand(2, 8, 15, seed=1).requires_grad_()
+    factors = [torch.eye(d).expand(1, 2, d, d).clone().requires_grad_() for d in (2, 4, 3, 5)]
+    with FlopCounterMode(display=False) as counter:
+        kronecker_apply(tau, factors).sum().backward()
+    assert counter.get_total_flops() == 2 * tau.numel() * (14 + 9 + 14 + 14)
     kronecker_apply(tau, factors)
     assert calls
 

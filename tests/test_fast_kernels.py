@@ -64,7 +64,11 @@ def _explicit(tau, factors, scale):
 
 
 @pytest.mark.parametrize("rank", [1, 2, 4])
-@pytest.mark.parametrize("dims", [(2, 3, 3, 2), (3, 2), (1, 5, 2, 1)], ids=["weight", "bias", "unit-modes"])
+@pytest.mark.parametrize(
+    "dims",
+    [(2, 3, 3, 2), (3, 2), (1, 5, 2, 1), (2, 3, 3, 4), (2, 3)],
+    ids=["weight", "bias", "unit-modes", "weight-last-mode-larger", "bias-last-mode-larger"],
+)
 def test_scaled_kronecker_sum_forward_and_grads_match_explicit(rank, dims, blocks):
     n = 3
     shape = (n, dims[0] * dims[1]) if len(dims) == 2 else (n, dims[0] * dims[1], dims[2] * dims[3])
@@ -190,7 +194,7 @@ def test_eval_cache_switch():
 
 
 @pytest.mark.parametrize("needs", ["all", "base-only", "factors-only"])
-@pytest.mark.parametrize("dims", [(2, 3, 3, 2), (3, 2)], ids=["weight", "bias"])
+@pytest.mark.parametrize("dims", [(2, 3, 3, 2), (3, 2), (2, 3, 3, 4)], ids=["weight", "bias", "last-mode-larger"])
 def test_kronecker_sum_around_a_base_matches_it_on_domain_vectors(dims, needs, blocks):
     """`kronecker_apply(E, f, base=E_m)` takes `τ = E − E_m` inside its passes: the same values and
     gradients (experts, base, factors) as on `domain_vectors(E, E_m)`, for any subset needed."""

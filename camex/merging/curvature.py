@@ -38,13 +38,18 @@ def nearest_factors(d: int) -> tuple[int, int]:
     return f, d // f
 
 
-def _order(m: int) -> list[int]:
-    """Modes in the order the forward applies them: the last mode first, mode 0 last.
+def _order(dims: Sequence[int]) -> list[int]:
+    """Modes in the order the forward applies them: one outer mode first, the other last.
 
-    Both ends are outer modes, so the final forward product (mode 0) can accumulate the r terms
-    in place and the final backward product (the last mode, transposed) can accumulate `∂τ`.
+    Both ends are outer modes, so the final forward product can accumulate the r terms in place
+    and the final backward product (the first mode, transposed) can accumulate `∂τ`. The backward
+    pass recomputes the input of every product but the last one, so the larger outer mode goes
+    last (mode 0, unless the last mode is larger: MiniLM-L6's and T5's `wo`, 48 or 64 rather
+    than 16 or 24, whose recomputation then costs 72 rather than 104 or 104 rather than 144 of
+    the passes' summed mode sizes).
     """
-    return list(reversed(range(m)))
+    modes = list(range(len(dims)))
+    return modes if dims[-1] > dims[0] else modes[::-1]
 
 
 def _mode_into(
@@ -188,8 +193,8 @@ class _KroneckerSum(torch.autograd.Function):
         ctx, x: torch.Tensor, base: torch.Tensor | None, scale: float, reuse_grad: bool, *factors: torch.Tensor
     ) -> torch.Tensor:
         x = x.contiguous()
-        n, rank, order = x.shape[0], factors[0].shape[0], _order(len(factors))
-        chain = order[:-1]  # products before the final mode-0 one
+        n, rank, order = x.shape[0], factors[0].shape[0], _order(x.shape[1:])
+        chain, last = order[:-1], order[-1]  # the products before the final one, an outer mode
         size = expert_block(x)
         work = [_work(f"kron{j}", size, x) for j in range(min(len(chain), 2))]
         taus = None if base is None else _work("kron_tau", size, x)
@@ -202,7 +207,7 @@ class _KroneckerSum(torch.autograd.Function):
                 h = xs
                 for j, k in enumerate(chain):
                     h = _mode_into(h, factors[k][rho, e], k, ws[j % 2])
-                _mode_into(h, factors[0][rho, e], 0, outs, alpha=scale, accumulate=rho > 0)
+                _mode_into(h, factors[last][rho, e], last, outs, alpha=scale, accumulate=rho > 0)
         ctx.scale, ctx.reuse_grad = scale, reuse_grad
         ctx.save_for_backward(x, base, *factors)
         return out
@@ -213,7 +218,7 @@ class _KroneckerSum(torch.autograd.Function):
         x, base, *factors = ctx.saved_tensors
         need_x, need_base, _, _, *need_f = ctx.needs_input_grad
         n, m, rank, scale = x.shape[0], len(factors), factors[0].shape[0], ctx.scale
-        order = _order(m)  # step j applied mode order[j] to inputs[j]
+        order = _order(x.shape[1:])  # step j applied mode order[j] to inputs[j]
         grad_f = [torch.empty_like(f) if need else None for f, need in zip(factors, need_f)]
         steps = [j for j in range(m) if need_f[order[j]]]
         need_tau = need_x or need_base
@@ -251,7 +256,7 @@ class _KroneckerSum(torch.autograd.Function):
                     f_t = factors[k][rho, e].transpose(-1, -2)
                     if j > lowest:  # inputs[j] is consumed: its buffer takes the next gradient
                         g = _mode_into(g, f_t, k, ws[j - 1], alpha=alpha)
-                    elif need_tau:  # j == 0: the last mode, outer, so the r terms accumulate in the GEMM
+                    elif need_tau:  # j == 0: an outer mode, so the r terms accumulate in the GEMM
                         _mode_into(g, f_t, k, gx, alpha=alpha, accumulate=rho > 0)
                     alpha = 1.0
             if need_base:  # τ_i = x_i − base
@@ -325,7 +330,7 @@ def kronecker_traced(x: torch.Tensor, factors: Sequence[torch.Tensor], *, scale:
     out = None
     for rho in range(factors[0].shape[0]):
         h = x
-        for k in _order(m):
+        for k in _order([f.shape[-1] for f in factors]):
             spec = f"nz{modes[k]},n{modes}->n{modes[:k]}z{modes[k + 1 :]}"
             h = torch.einsum(spec, factors[k][rho], h)
         out = h if out is None else out + h
