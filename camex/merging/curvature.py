@@ -148,11 +148,13 @@ def _contract_into(g: torch.Tensor, h: torch.Tensor, k: int, out: torch.Tensor, 
 # measured with the merged linear's budget, camex r=1 3-14 % faster on one thread and on two idle
 # ones (docs/benchmarks.md).
 CPU_BLOCK_BYTES = 24 * 2**20
-# Experts up to this size get blocks of at most this size instead: a pass keeps about five
-# block-sized buffers busy (input, τ, two chain buffers, output), which then stay in a 32 MiB
-# last-level cache together. A T5-base expert (9 MiB) cannot fit, and larger blocks pay there;
-# a MiniLM-L6 expert (2.25 MiB) can: its passes ran at 1.2-2x their rate in blocks of all 7
-# experts (docs/benchmarks.md, "Cache-sized curvature blocks").
+# On one thread, experts up to this size get blocks of at most this size instead: a pass keeps
+# about five block-sized buffers busy (input, τ, two chain buffers, output), which then stay in a
+# 32 MiB last-level cache together. A T5-base expert (9 MiB) cannot fit, and larger blocks pay
+# there; a MiniLM-L6 expert (2.25 MiB) can: its curvature ran 12-15 % faster in blocks of one
+# than of all 7. On several threads every block costs each product a parallel region, and with
+# another process on the cores (PyTorch's threads spin) r = 8 ran 1.3-1.4x slower in blocks of
+# one, so there the byte budget holds (docs/benchmarks.md, "Cache-sized curvature blocks").
 CPU_CACHE_BLOCK_BYTES = 4 * 2**20
 
 
@@ -161,8 +163,9 @@ def expert_block(x: torch.Tensor) -> int:
     n = x.shape[0]
     if x.device.type != "cpu" or n == 0:
         return max(n, 1)
-    expert = max(x[0].numel() * x.element_size(), 1)
-    budget = min(CPU_BLOCK_BYTES, CPU_CACHE_BLOCK_BYTES) if expert <= CPU_CACHE_BLOCK_BYTES else CPU_BLOCK_BYTES
+    expert, budget = max(x[0].numel() * x.element_size(), 1), CPU_BLOCK_BYTES
+    if expert <= CPU_CACHE_BLOCK_BYTES and torch.get_num_threads() == 1:
+        budget = min(budget, CPU_CACHE_BLOCK_BYTES)
     return max(1, min(n, budget // expert))
 
 
