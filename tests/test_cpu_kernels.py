@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +198,21 @@ def test_an_install_without_the_source_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kron.LIBRARY, "source", tmp_path / "missing.c")
     lib, why = cpu_kron.LIBRARY.load()
     assert lib is None and why.startswith("build failed") and "missing.c" in why
+
+
+def test_an_edited_header_renames_the_build(tmp_path):
+    """The kernels include a shared header (`cpu_parallel.h`): the build's name hashes it too, so
+    a library built against an older header is not loaded from the cache."""
+    from camex.kernels.cpu_build import CompiledLibrary
+
+    kernels = Path(cpu_kron.__file__).parent
+    assert '#include "cpu_parallel.h"' in (kernels / "cpu_kron.c").read_text()
+    for name in ("cpu_kron.c", "cpu_parallel.h"):
+        shutil.copy(kernels / name, tmp_path / name)
+    library = CompiledLibrary("cpu_kron", cpu_kron._declare)
+    library.source = tmp_path / "cpu_kron.c"
+    before = library.tag()
+    assert before == cpu_kron.LIBRARY.tag()
+    with (tmp_path / "cpu_parallel.h").open("a") as header:
+        header.write("\n/* edited */\n")
+    assert library.tag() != before

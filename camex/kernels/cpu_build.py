@@ -63,8 +63,11 @@ class CompiledLibrary:
         self._tried = False
 
     def tag(self) -> str:
-        """The build's name: the source and flags hashed, so an edited source is rebuilt."""
-        return hashlib.sha256(self.source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+        """The build's name: the source, the headers beside it and the flags hashed, so an edited
+        source or header is rebuilt."""
+        headers = sorted(self.source.parent.glob("*.h"))
+        data = b"".join(p.read_bytes() for p in [self.source, *headers]) + " ".join(FLAGS).encode()
+        return hashlib.sha256(data).hexdigest()[:16]
 
     def load(self) -> tuple[ctypes.CDLL | None, str | None]:
         """Build (where not cached) and load: the library, or None and why not."""

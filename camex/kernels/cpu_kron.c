@@ -15,9 +15,10 @@
  * row-major, every leading dimension in elements.
  */
 #include <immintrin.h>
-#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_parallel.h"
 
 #define MR 6 /* a 6 x 16 tile: 12 accumulators hide the FMA latency, 15 of AVX2's 16 registers */
 #define NR 16
@@ -209,29 +210,6 @@ static void gemm_packed(int M, int N, int K, const float *A, long rsa, long csa,
         int jn = N - jp < PW ? N - jp : PW;
         for (int k = 0; k < K; k++) memcpy(packed + k * jn, B + (long)k * ldb + jp, sizeof(float) * jn);
         gemm(M, jn, K, A, rsa, csa, packed, jn, C + jp, ldc, alpha, beta);
-    }
-}
-
-/* Work split across threads: items [0, items) cut into `threads` contiguous ranges, one per
- * thread of an OpenMP parallel region. Loaded into a process that has imported PyTorch, this
- * library shares PyTorch's OpenMP runtime (the same libgomp.so.1), so its regions run on the
- * threads PyTorch's own regions use: no second pool competes with them for the cores. */
-typedef void (*work_fn)(void *ctx, int thread, long start, long end);
-
-static int split_threads(int threads, long items) {
-    if (threads > items) threads = (int)items;
-    return threads < 1 ? 1 : threads;
-}
-
-static void parallel(int threads, long items, work_fn fn, void *ctx) {
-    if (threads == 1) {
-        fn(ctx, 0, 0, items);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        int t = omp_get_thread_num(), got = omp_get_num_threads(); /* the runtime may give fewer */
-        fn(ctx, t, items * t / got, items * (t + 1) / got);
     }
 }
 

@@ -11,34 +11,33 @@
  * Built at first use by camex/kernels/cpu_merge.py; every matrix row-major, strides in elements.
  */
 #include <immintrin.h>
-#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_parallel.h"
 
 #define CHUNK 256 /* columns per chunk: 16 units' and 8 experts' chunks take 24 KiB, in L1 */
 
 #define MAX_EXPERTS 256 /* the reductions keep one row pointer per expert (cpu_merge.MAX_EXPERTS) */
 
 /* Threads that get work: at most one per chunk, at least one. */
-static int chunk_threads(int threads, long len) {
-    long chunks = (len + CHUNK - 1) / CHUNK;
-    if (threads > chunks) threads = (int)chunks;
-    return threads < 1 ? 1 : threads;
+static int chunk_threads(int threads, long len) { return split_threads(threads, (len + CHUNK - 1) / CHUNK); }
+
+typedef struct {
+    work_fn fn;
+    void *ctx;
+    long len;
+} chunk_job;
+
+static void chunk_range(void *p, int thread, long c0, long c1) { /* chunks [c0, c1) as columns */
+    chunk_job *j = p;
+    j->fn(j->ctx, thread, c0 * CHUNK, c1 * CHUNK < j->len ? c1 * CHUNK : j->len);
 }
 
-static void parallel_chunks(int threads, long len, void (*fn)(void *, int, long, long), void *ctx) {
-    long chunks = (len + CHUNK - 1) / CHUNK;
-    threads = chunk_threads(threads, len);
-    if (threads == 1) {
-        fn(ctx, 0, 0, len);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        int t = omp_get_thread_num(), got = omp_get_num_threads(); /* the runtime may give fewer */
-        long c0 = chunks * t / got, c1 = chunks * (t + 1) / got;
-        fn(ctx, t, c0 * CHUNK, c1 * CHUNK < len ? c1 * CHUNK : len);
-    }
+/* fn(ctx, t, k0, k1) over column ranges of [0, len) cut at chunk boundaries, one per thread t. */
+static void parallel_chunks(int threads, long len, work_fn fn, void *ctx) {
+    chunk_job job = {fn, ctx, len};
+    parallel(chunk_threads(threads, len), (len + CHUNK - 1) / CHUNK, chunk_range, &job);
 }
 
 /* Rows combined with coefficients: out_r[k] = init_r[k] + sum_j coef[r * rs + j * cs] * src_j[k] for

@@ -153,7 +153,7 @@ CPU_BLOCK_BYTES = 24 * 2**20
 # 32 MiB last-level cache together. A T5-base expert (9 MiB) cannot fit, and larger blocks pay
 # there; a MiniLM-L6 expert (2.25 MiB) can: its curvature ran 12-15 % faster in blocks of one
 # than of all 7. On several threads every block costs each product a parallel region, and with
-# another process on the cores (PyTorch's threads spin) r = 8 ran 1.3-1.4x slower in blocks of
+# another process on the cores (PyTorch's threads spin) r = 8 ran 1.26-1.41x slower in blocks of
 # one, so there the byte budget holds (docs/benchmarks.md, "Cache-sized curvature blocks").
 CPU_CACHE_BLOCK_BYTES = 4 * 2**20
 
