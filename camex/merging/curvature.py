@@ -42,11 +42,11 @@ def _order(dims: Sequence[int]) -> list[int]:
     """Modes in the order the forward applies them: one outer mode first, the other last.
 
     Both ends are outer modes, so the final forward product can accumulate the r terms in place
-    and the final backward product (the first mode, transposed) can accumulate `∂τ`. The backward
-    pass recomputes the input of every product but the last one, so the larger outer mode goes
-    last (mode 0, unless the last mode is larger: MiniLM-L6's and T5's `wo`, 48 or 64 rather
-    than 16 or 24, whose recomputation then costs 72 rather than 104 or 104 rather than 144 of
-    the passes' summed mode sizes).
+    and the final backward product (the mode applied first, transposed) can accumulate `∂τ`. The
+    backward pass recomputes the input of every product but the last one, so the larger outer
+    mode goes last: mode 0, unless the last mode is larger. For MiniLM-L6's and T5's `wo` (last
+    mode 48 or 64, first 16 or 24) recomputing the other three then costs 72 rather than 104, and
+    104 rather than 144, of the passes' summed mode sizes.
     """
     modes = list(range(len(dims)))
     return modes if dims[-1] > dims[0] else modes[::-1]
