@@ -30,26 +30,20 @@ def blocks(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_curvature_blocks_fit_the_cache_where_an_expert_does_on_one_thread(threads, monkeypatch):
     """On one thread, experts whose block buffers fit in the last-level cache together walk
     cache-sized blocks (MiniLM-L6's FFN: one expert of 2.25 MiB); larger ones, and all on several
     threads (fewer parallel regions), the byte budget (T5-base: two of 9 MiB)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        minilm, t5 = torch.empty(7, 1536, 384), torch.empty(7, 3072, 768)  # never touched: no pages faulted
-        assert curvature.expert_block(minilm) == curvature.expert_block(torch.empty(7, 384, 1536)) == (
-            1 if threads == 1 else 7
-        )
-        assert curvature.expert_block(t5) == 2
-        assert curvature.expert_block(torch.empty(7, 64, 256)) == 7
-        assert curvature.expert_block(torch.empty(7, 1536)) == 7  # a bias
-        monkeypatch.setattr(curvature, "CPU_BLOCK_BYTES", 1)  # a budget below both: blocks of one
-        assert curvature.expert_block(torch.empty(7, 64, 256)) == 1
-        assert curvature.expert_block(t5) == 1
-    finally:
-        torch.set_num_threads(before)
+    minilm, t5 = torch.empty(7, 1536, 384), torch.empty(7, 3072, 768)  # never touched: no pages faulted
+    assert curvature.expert_block(minilm) == curvature.expert_block(torch.empty(7, 384, 1536)) == (
+        1 if threads == 1 else 7
+    )
+    assert curvature.expert_block(t5) == 2
+    assert curvature.expert_block(torch.empty(7, 64, 256)) == 7
+    assert curvature.expert_block(torch.empty(7, 1536)) == 7  # a bias
+    monkeypatch.setattr(curvature, "CPU_BLOCK_BYTES", 1)  # a budget below both: blocks of one
+    assert curvature.expert_block(torch.empty(7, 64, 256)) == 1
+    assert curvature.expert_block(t5) == 1
 
 
 def _rand(*shape, seed=0, grad=False):
